@@ -1,0 +1,64 @@
+/**
+ * @file detail/backend.hpp
+ * @brief The seam between the layer classes and a backend. `backend_ops<Backend>` is
+ *        specialized once per backend: here for `cpu`, in detail/cuda/backend.cuh for `cuda`.
+ *
+ * A specialization provides
+ *  - `buffer<E>`: an owning, move-only array of E in the backend's memory with
+ *    `data()`, `size()`, `fill(E)`, `to_host()` and `from_host(const std::vector<E>&)`;
+ *  - `workspace`: scratch memory the backend reuses between calls;
+ *  - `forward(shape, args, config, workspace&, stream)` and `backward(...)`.
+ */
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../functional.hpp"
+
+namespace batchnorm::detail {
+
+template <class Backend>
+struct backend_ops {
+  static_assert(sizeof(Backend) == 0,
+                "batchnorm: the CUDA backend needs #include <batchnorm/cuda.cuh> (compiled by nvcc)");
+};
+
+/// Host memory with the buffer interface backends share.
+template <class E>
+class host_buffer {
+ public:
+  host_buffer() = default;
+  explicit host_buffer(std::int64_t n, E value = E{}) : data_(static_cast<std::size_t>(n), value) {}
+  [[nodiscard]] E* data() noexcept { return data_.data(); }
+  [[nodiscard]] const E* data() const noexcept { return data_.data(); }
+  [[nodiscard]] std::int64_t size() const noexcept { return static_cast<std::int64_t>(data_.size()); }
+  void fill(E value) { std::fill(data_.begin(), data_.end(), value); }
+  [[nodiscard]] std::vector<E> to_host() const { return data_; }
+  /// Precondition (checked by callers before anything changes): `v.size() == size()`.
+  void from_host(const std::vector<E>& v) { std::copy(v.begin(), v.end(), data_.begin()); }
+
+ private:
+  std::vector<E> data_;
+};
+
+template <>
+struct backend_ops<cpu> {
+  template <class E>
+  using buffer = host_buffer<E>;
+  struct workspace {};
+
+  template <class T>
+  static void forward(const Shape& shape, const ForwardArgs<T>& args, const ForwardConfig& config, workspace&,
+                      cpu::stream_type) {
+    batchnorm::forward(cpu{}, shape, args, config);
+  }
+  template <class T>
+  static void backward(const Shape& shape, const BackwardArgs<T>& args, const BackwardConfig& config,
+                       workspace&, cpu::stream_type) {
+    batchnorm::backward(cpu{}, shape, args, config);
+  }
+};
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,154 @@
+/**
+ * @file detail/cpu/functional.inl
+ * @brief The CPU reference: plain loops in memory order, accumulating in double with
+ *        two passes (sum, then squared deviations from the mean). Every formula comes
+ *        from detail/moments.hpp, shared with the CUDA kernels.
+ */
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../convert.hpp"
+#include "../moments.hpp"
+#include "../validate.hpp"
+
+namespace batchnorm::detail::cpu_impl {
+
+/**
+ * @brief Visits every element of a tensor of @p shape in memory order, passing its
+ *        offset and the index of the feature it belongs to (c, or c * S + s).
+ */
+template <class Visit>
+void for_each_element(const Shape& shape, Mode mode, Visit&& visit) {
+  const std::int64_t N = shape.batch(), C = shape.channels(), S = shape.spatial();
+  const bool per_activation = mode == Mode::per_activation;
+  std::int64_t offset = 0;
+  if (shape.layout() == Layout::contiguous || S == 1) {
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t c = 0; c < C; ++c)
+        for (std::int64_t s = 0; s < S; ++s) visit(offset++, per_activation ? c * S + s : c);
+  } else {
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t s = 0; s < S; ++s)
+        for (std::int64_t c = 0; c < C; ++c) visit(offset++, per_activation ? c * S + s : c);
+  }
+}
+
+template <class E>
+double value_or(const span<E>& s, std::int64_t i, double fallback) {
+  return s.data ? static_cast<double>(s.data[i]) : fallback;
+}
+
+}  // namespace batchnorm::detail::cpu_impl
+
+namespace batchnorm {
+
+template <class T>
+void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConfig& c) {
+  using P = param_t<T>;
+  using conv = detail::convert<T>;
+  using detail::cpu_impl::for_each_element;
+  using detail::cpu_impl::value_or;
+  detail::check_forward(shape, a, c);
+
+  const std::int64_t features = feature_count(shape, c.mode);
+  if (shape.numel() == 0) return;  // PyTorch: empty output, running stats untouched
+
+  std::vector<double> mean(static_cast<std::size_t>(features));
+  std::vector<double> var(static_cast<std::size_t>(features));  // biased (used to normalize)
+  if (c.batch_statistics) {
+    const std::int64_t n = reduction_count(shape, c.mode);
+    std::vector<double> sum(static_cast<std::size_t>(features), 0.0);
+    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) { sum[f] += conv::to_double(a.x[i]); });
+    for (std::int64_t f = 0; f < features; ++f) mean[f] = sum[f] / static_cast<double>(n);
+    std::vector<double> m2(static_cast<std::size_t>(features), 0.0);
+    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
+      const double d = conv::to_double(a.x[i]) - mean[f];
+      m2[f] += d * d;
+    });
+    std::vector<detail::FeatureStats<double>> stats(static_cast<std::size_t>(features));
+    bool all_finite = true;
+    for (std::int64_t f = 0; f < features; ++f) {
+      stats[f] = detail::finalize(detail::Welford<double>{mean[f], m2[f], n});
+      var[f] = stats[f].biased_var;
+      all_finite = all_finite && detail::is_finite(stats[f]);
+    }
+    if (a.running_mean.data) {
+      if (all_finite || !c.skip_nonfinite_updates) {
+        for (std::int64_t f = 0; f < features; ++f)
+          detail::update_running(a.running_mean[f], a.running_var[f], stats[f], c.exponential_average_factor);
+      } else if (a.skipped_updates) {
+        ++*a.skipped_updates;
+      }
+    }
+  } else {
+    for (std::int64_t f = 0; f < features; ++f) {
+      mean[f] = static_cast<double>(a.running_mean[f]);
+      var[f] = static_cast<double>(a.running_var[f]);
+    }
+  }
+
+  std::vector<detail::Affine<double>> affine(static_cast<std::size_t>(features));
+  for (std::int64_t f = 0; f < features; ++f) {
+    const double invstd = detail::inverse_std(var[f], c.eps);
+    if (a.save_mean.data) a.save_mean[f] = static_cast<P>(mean[f]);
+    if (a.save_invstd.data) a.save_invstd[f] = static_cast<P>(invstd);
+    affine[f] = detail::normalize_affine(mean[f], invstd, value_or(a.weight, f, 1.0), value_or(a.bias, f, 0.0));
+  }
+  const bool relu = c.activation == Activation::relu;
+  for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
+    double v = conv::to_double(a.x[i]) * affine[f].scale + affine[f].shift;
+    if (a.residual) v += conv::to_double(a.residual[i]);
+    if (relu && !(v > 0.0)) v = std::isnan(v) ? v : 0.0;  // NaN propagates, as torch.relu does
+    a.y[i] = conv::from_double(v);
+  });
+}
+
+template <class T>
+void backward(cpu, const Shape& shape, const BackwardArgs<T>& a, const BackwardConfig& c) {
+  using P = param_t<T>;
+  using conv = detail::convert<T>;
+  using detail::cpu_impl::for_each_element;
+  using detail::cpu_impl::value_or;
+  detail::check_backward(shape, a, c);
+
+  const std::int64_t features = feature_count(shape, c.mode);
+  const std::int64_t n = reduction_count(shape, c.mode);
+  const bool relu = c.activation == Activation::relu;
+  // Gradient flowing into the normalization: dy, masked where the fused relu was inactive.
+  auto upstream = [&](std::int64_t i) {
+    const double g = conv::to_double(a.dy[i]);
+    return relu && !(conv::to_double(a.y[i]) > 0.0) ? 0.0 : g;
+  };
+
+  std::vector<double> sum_dy(static_cast<std::size_t>(features), 0.0);
+  std::vector<double> sum_dy_xmu(static_cast<std::size_t>(features), 0.0);
+  for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
+    const double g = upstream(i);
+    sum_dy[f] += g;
+    sum_dy_xmu[f] += g * (conv::to_double(a.x[i]) - static_cast<double>(a.mean[f]));
+  });
+  for (std::int64_t f = 0; f < features; ++f) {
+    const double invstd = static_cast<double>(a.invstd[f]);
+    const double base_w = c.accumulate && a.grad_weight.data ? static_cast<double>(a.grad_weight[f]) : 0.0;
+    const double base_b = c.accumulate && a.grad_bias.data ? static_cast<double>(a.grad_bias[f]) : 0.0;
+    if (a.grad_weight.data) a.grad_weight[f] = static_cast<P>(base_w + sum_dy_xmu[f] * invstd);
+    if (a.grad_bias.data) a.grad_bias[f] = static_cast<P>(base_b + sum_dy[f]);
+  }
+  if (a.dx == nullptr && a.dresidual == nullptr) return;
+
+  std::vector<detail::BackwardCoefficients<double>> k(static_cast<std::size_t>(features));
+  for (std::int64_t f = 0; f < features; ++f)
+    k[f] = detail::backward_coefficients(sum_dy[f], sum_dy_xmu[f], static_cast<double>(a.invstd[f]),
+                                         value_or(a.weight, f, 1.0), n, c.batch_statistics);
+  for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
+    const double g = upstream(i);
+    const double xmu = conv::to_double(a.x[i]) - static_cast<double>(a.mean[f]);
+    if (a.dresidual) a.dresidual[i] = conv::from_double(g);
+    if (a.dx) a.dx[i] = conv::from_double(g * k[f].dy_scale + xmu * k[f].xmu_scale + k[f].constant);
+  });
+}
+
+}  // namespace batchnorm

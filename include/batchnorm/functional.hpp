@@ -1,0 +1,46 @@
+/**
+ * @file functional.hpp
+ * @brief Stateless BatchNorm on raw pointers: what the layer classes call, and what a
+ *        framework that owns its own tensors calls directly (as `F.batch_norm` in PyTorch).
+ *
+ * Backend is chosen by tag: `batchnorm::forward(batchnorm::cpu{}, shape, args, config)`
+ * runs the CPU reference on host pointers; the CUDA overloads (declared in
+ * <batchnorm/cuda.cuh>) take device pointers, a caller-provided workspace and a stream.
+ *
+ * Every call validates all of its arguments before it writes anything, and throws
+ * batchnorm::invalid_argument naming the argument, the value expected and the value given.
+ */
+#pragma once
+
+#include "args.hpp"
+#include "options.hpp"
+#include "shape.hpp"
+#include "types.hpp"
+
+namespace batchnorm {
+
+/**
+ * @brief Pointers of a forward call. Element type @p T for activations, `param_t<T>` for
+ *        per-feature buffers (each `num_features` long, see feature_count()).
+ */
+/**
+ * @brief Forward on the CPU backend (host pointers, double accumulation, synchronous).
+ * @tparam T float or double (half types with <batchnorm/half.hpp>)
+ * @param shape  extents and layout of x and y
+ * @param args   pointers; see ForwardArgs
+ * @param config scalars; see ForwardConfig
+ * @throws batchnorm::invalid_argument for any bad argument, before anything is written
+ */
+template <class T>
+void forward(cpu, const Shape& shape, const ForwardArgs<T>& args, const ForwardConfig& config);
+
+/**
+ * @brief Backward on the CPU backend (host pointers, double accumulation, synchronous).
+ * @throws batchnorm::invalid_argument for any bad argument, before anything is written
+ */
+template <class T>
+void backward(cpu, const Shape& shape, const BackwardArgs<T>& args, const BackwardConfig& config);
+
+}  // namespace batchnorm
+
+#include "detail/cpu/functional.inl"
