@@ -68,7 +68,9 @@ class BatchNorm {
    *         outside [0, 1]
    */
   explicit BatchNorm(std::int64_t num_features, const Options& options = {})
-      : num_features_(checked_features(num_features)), options_(checked_options(options)) {
+      : num_features_(checked_features(num_features)),
+        options_(checked_options(options)),
+        workspace_(ops::template make_workspace<T>(num_features_)) {
     if (options_.affine) {
       weight_ = buffer<param_type>(num_features_, param_type(1));
       bias_ = buffer<param_type>(num_features_, param_type(0));
@@ -153,10 +155,10 @@ class BatchNorm {
   }
 
   /// @brief Sets grad_weight and grad_bias to zero. @note Stream-ordered on cuda.
-  void zero_grad() {
+  void zero_grad(stream_type stream = stream_type{}) {
     if (options_.affine) {
-      grad_weight_.fill(param_type(0));
-      grad_bias_.fill(param_type(0));
+      grad_weight_.fill_zero(stream);
+      grad_bias_.fill_zero(stream);
     }
   }
 
@@ -361,13 +363,13 @@ class BatchNorm {
 
   std::int64_t num_features_;
   Options options_;
+  typename ops::workspace workspace_;
   bool training_ = true;
   std::int64_t num_batches_tracked_ = 0;
   buffer<param_type> weight_, bias_, running_mean_, running_var_;
   buffer<param_type> grad_weight_, grad_bias_;
   buffer<param_type> save_mean_, save_invstd_;
   buffer<std::int64_t> skipped_updates_;
-  typename ops::workspace workspace_;
   std::optional<Saved> saved_;
 };
 

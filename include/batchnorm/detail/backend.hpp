@@ -5,8 +5,9 @@
  *
  * A specialization provides
  *  - `buffer<E>`: an owning, move-only array of E in the backend's memory with
- *    `data()`, `size()`, `fill(E)`, `to_host()` and `from_host(const std::vector<E>&)`;
- *  - `workspace`: scratch memory the backend reuses between calls;
+ *    `data()`, `size()`, `fill_zero(stream)`, `to_host()` and `from_host(const std::vector<E>&)`;
+ *  - `workspace` and `make_workspace<T>(num_features)`: scratch memory sized once for a
+ *    layer, so that no forward or backward ever allocates;
  *  - `forward(shape, args, config, workspace&, stream)` and `backward(...)`.
  */
 #pragma once
@@ -34,7 +35,7 @@ class host_buffer {
   [[nodiscard]] E* data() noexcept { return data_.data(); }
   [[nodiscard]] const E* data() const noexcept { return data_.data(); }
   [[nodiscard]] std::int64_t size() const noexcept { return static_cast<std::int64_t>(data_.size()); }
-  void fill(E value) { std::fill(data_.begin(), data_.end(), value); }
+  void fill_zero(cpu::stream_type = {}) { std::fill(data_.begin(), data_.end(), E(0)); }
   [[nodiscard]] std::vector<E> to_host() const { return data_; }
   /// Precondition (checked by callers before anything changes): `v.size() == size()`.
   void from_host(const std::vector<E>& v) { std::copy(v.begin(), v.end(), data_.begin()); }
@@ -48,6 +49,10 @@ struct backend_ops<cpu> {
   template <class E>
   using buffer = host_buffer<E>;
   struct workspace {};
+  template <class T>
+  static workspace make_workspace(std::int64_t /*num_features*/) {
+    return {};
+  }
 
   template <class T>
   static void forward(const Shape& shape, const ForwardArgs<T>& args, const ForwardConfig& config, workspace&,

@@ -111,19 +111,28 @@ BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
 }
 
 /**
- * @brief y = (x - mean) * invstd * weight + bias, folded into y = x * scale + shift.
- *        `weight`/`bias` default to 1/0 when the layer is not affine.
+ * @brief y = (x - mean) * scale + bias with scale = invstd * weight (weight 1 and bias 0
+ *        when the layer is not affine). (x - mean) is formed first, as PyTorch's CUDA kernel
+ *        does: folding the mean into the shift (x * scale + shift) would cancel
+ *        catastrophically for inputs with a large offset.
  */
 template <class Acc>
 struct Affine {
+  Acc mean;
   Acc scale;
-  Acc shift;
+  Acc bias;
+  BN_HOST_DEVICE Acc apply(Acc x) const { return (x - mean) * scale + bias; }
 };
 
 template <class Acc>
 BN_HOST_DEVICE Affine<Acc> normalize_affine(Acc mean, Acc invstd, Acc weight, Acc bias) {
-  const Acc scale = invstd * weight;
-  return {scale, bias - mean * scale};
+  return {mean, invstd * weight, bias};
+}
+
+/// relu that lets NaN through, as torch.relu does (and maps -0 to +0).
+template <class Acc>
+BN_HOST_DEVICE Acc relu(Acc v) {
+  return v <= Acc(0) ? Acc(0) : v;
 }
 
 /**

@@ -99,9 +99,9 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
   }
   const bool relu = c.activation == Activation::relu;
   for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
-    double v = conv::to_double(a.x[i]) * affine[f].scale + affine[f].shift;
+    double v = affine[f].apply(conv::to_double(a.x[i]));
     if (a.residual) v += conv::to_double(a.residual[i]);
-    if (relu && !(v > 0.0)) v = std::isnan(v) ? v : 0.0;  // NaN propagates, as torch.relu does
+    if (relu) v = detail::relu(v);
     a.y[i] = conv::from_double(v);
   });
 }

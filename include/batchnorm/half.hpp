@@ -1,0 +1,98 @@
+/**
+ * @file half.hpp
+ * @brief Makes `__half` and `__nv_bfloat16` (from the CUDA toolkit's <cuda_fp16.h> and
+ *        <cuda_bf16.h>) usable as storage types on the CPU backend, as PyTorch's "mixed"
+ *        mode: half-precision activations, `float` parameters and running statistics
+ *        (`param_t<__half> == float`), accumulation in double on the host.
+ *
+ * The CPU backend reads and writes activations through detail::convert<T>; this header
+ * specializes it with the toolkit's host conversions: half → double is exact, and
+ * double → half rounds once, to nearest even (`__double2half` / `__double2bfloat16`,
+ * never through float, which would round twice). Overflow gives ±inf, NaN stays NaN.
+ *
+ * Needs the CUDA toolkit's include directory (CMake: `${CUDAToolkit_INCLUDE_DIRS}` from
+ * `find_package(CUDAToolkit)`, best as a SYSTEM include) but not nvcc: g++ and clang++
+ * compile the CUDA half headers in host code. It is not included by <batchnorm/batchnorm.hpp>,
+ * so the core stays free of CUDA headers.
+ *
+ * @code
+ * #include <batchnorm/batchnorm.hpp>
+ * #include <batchnorm/half.hpp>
+ * batchnorm::BatchNorm2d<__half, batchnorm::cpu> bn(64);   // float weights and running stats
+ * bn.forward(x, y, {8, 64, 32, 32});                       // x, y: host __half buffers
+ * @endcode
+ */
+#pragma once
+
+#if defined(__has_include)
+#if !__has_include(<cuda_fp16.h>) || !__has_include(<cuda_bf16.h>)
+#error "batchnorm/half.hpp needs <cuda_fp16.h> and <cuda_bf16.h>: add the CUDA toolkit's include directory (CMake: target_include_directories(<target> SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS}))"
+#endif
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "detail/convert.hpp"
+#include "types.hpp"
+
+namespace batchnorm {
+
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "batchnorm: unexpected size of the CUDA half types");
+
+namespace detail {
+
+/// @brief Host conversions of IEEE binary16 (`__half`): exact widening, one rounding when narrowing.
+template <>
+struct convert<__half> {
+  /**
+   * @brief Exact value of @p v as a double.
+   * @param v a half value (any, including inf and NaN)
+   */
+  static double to_double(__half v) { return static_cast<double>(__half2float(v)); }
+  /**
+   * @brief @p v rounded to the nearest half (ties to even); beyond ±65504 (after rounding) ±inf.
+   * @param v the value to store
+   */
+  static __half from_double(double v) { return __double2half(v); }
+};
+
+/// @brief Host conversions of bfloat16 (`__nv_bfloat16`): exact widening, one rounding when narrowing.
+template <>
+struct convert<__nv_bfloat16> {
+  /**
+   * @brief Exact value of @p v as a double.
+   * @param v a bfloat16 value (any, including inf and NaN)
+   */
+  static double to_double(__nv_bfloat16 v) { return static_cast<double>(__bfloat162float(v)); }
+  /**
+   * @brief @p v rounded to the nearest bfloat16 (ties to even).
+   * @param v the value to store
+   */
+  static __nv_bfloat16 from_double(double v) { return __double2bfloat16(v); }
+};
+
+}  // namespace detail
+
+/**
+ * @brief Converts a value of storage type @p T to double (exact for every supported type).
+ * @tparam T float, double, `__half` or `__nv_bfloat16`
+ * @param v the value
+ */
+template <class T>
+double to_double(T v) {
+  return detail::convert<T>::to_double(v);
+}
+
+/**
+ * @brief Rounds @p v to storage type @p T (once, to nearest even), e.g. to fill a host
+ *        `__half` buffer: `x[i] = batchnorm::from_double<__half>(value)`.
+ * @tparam T float, double, `__half` or `__nv_bfloat16`
+ * @param v the value
+ */
+template <class T>
+T from_double(double v) {
+  return detail::convert<T>::from_double(v);
+}
+
+}  // namespace batchnorm
