@@ -1,0 +1,331 @@
+/**
+ * @file detail/cuda/kernels.cuh
+ * @brief The __global__ kernels. Their index walks live in plan.hpp (host-testable); here
+ *        is what each thread does with the values: reductions are generic over an
+ *        "accumulator" (forward: Welford; backward: the two sums) and elementwise passes
+ *        over an "element op", so one kernel body serves forward and backward. Reductions go
+ *        through CUB (BlockReduce, WarpReduce) with the Chan merge of detail/moments.hpp.
+ *        All indexing is 64-bit. Kernels have hidden visibility so that shared objects
+ *        which each instantiate them never clash.
+ */
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+
+#include "../moments.hpp"
+#include "plan.hpp"
+
+#if defined(_WIN32)
+#define BN_KERNEL __global__
+#else
+#define BN_KERNEL __global__ __attribute__((visibility("hidden")))
+#endif
+
+namespace batchnorm::detail::cuda_impl {
+
+// ---- accumulators ------------------------------------------------------------------------
+
+/// Forward statistics: Welford over x.
+template <class T, class Acc>
+struct WelfordAccumulator {
+  using state_type = Welford<Acc>;
+  using value_type = Acc;
+  using merge_type = WelfordMerge;
+  const T* __restrict__ x;
+  __device__ void bind(std::int64_t /*column*/) {}
+  __device__ value_type load(std::int64_t i) const { return static_cast<Acc>(x[i]); }
+  __device__ static void push(state_type& s, value_type v) { s.push(v); }
+};
+
+struct GradSumsAdd {
+  template <class Acc>
+  __device__ GradSums<Acc> operator()(const GradSums<Acc>& a, const GradSums<Acc>& b) const {
+    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+  }
+};
+
+/// Backward sums over (dy, x), with dy masked by y > 0 after a fused relu.
+template <class T, class Acc, class P>
+struct GradAccumulator {
+  struct value_type {
+    Acc g, x;
+  };
+  using state_type = GradSums<Acc>;
+  using merge_type = GradSumsAdd;
+  const T* __restrict__ x;
+  const T* __restrict__ dy;
+  const T* __restrict__ y;  ///< non-null: relu mask
+  const P* __restrict__ mean;
+  FeatureMap map;
+  Acc column_mean = Acc(0);
+  __device__ void bind(std::int64_t column) { column_mean = static_cast<Acc>(mean[map.param(column)]); }
+  __device__ value_type load(std::int64_t i) const {
+    Acc g = static_cast<Acc>(dy[i]);
+    if (y != nullptr && !(static_cast<Acc>(y[i]) > Acc(0))) g = Acc(0);
+    return {g, static_cast<Acc>(x[i])};
+  }
+  __device__ void push(state_type& s, const value_type& v) const {
+    s.dy += v.g;
+    s.dy_xmu += v.g * (v.x - column_mean);
+  }
+};
+
+template <class Accumulator>
+__device__ typename Accumulator::state_type empty_state() {
+  typename Accumulator::state_type s{};
+  return s;
+}
+
+// ---- reductions ---------------------------------------------------------------------------
+
+/**
+ * @brief Partial reduction of a PlanarView. grid = (C, splits); block (c, k) reduces the
+ *        k-th chunk of channel c's N * S values and writes partials[c * splits + k].
+ */
+template <int Threads, int Loads, class Accumulator>
+BN_KERNEL void __launch_bounds__(Threads)
+    planar_reduce_kernel(Accumulator acc, PlanarView v, std::int64_t chunk,
+                         typename Accumulator::state_type* __restrict__ partials) {
+  using State = typename Accumulator::state_type;
+  const std::int64_t c = blockIdx.x;
+  const std::int64_t split = blockIdx.y;
+  const std::int64_t count = v.N * v.S;
+  const std::int64_t end = min64(count, (split + 1) * chunk);
+  acc.bind(c);
+  State state = empty_state<Accumulator>();
+  walk_planar_reduce<Threads, Loads>(
+      v, c, split * chunk + threadIdx.x, end, [&](std::int64_t i) { return acc.load(i); },
+      [&](const typename Accumulator::value_type& value) { acc.push(state, value); });
+  using BlockReduce = cub::BlockReduce<State, Threads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  const State total = BlockReduce(temp).Reduce(state, typename Accumulator::merge_type{});
+  if (threadIdx.x == 0) partials[c * gridDim.y + split] = total;
+}
+
+/**
+ * @brief Partial reduction of a RowsView. block = (Columns, Rows), grid = (ceil(F / Columns),
+ *        splits); block (t, k) reduces columns [t * Columns, ...) over the k-th chunk of rows
+ *        and writes partials[k * F + column].
+ */
+template <int Columns, int Rows, int Loads, class Accumulator>
+BN_KERNEL void __launch_bounds__(Columns* Rows)
+    rows_reduce_kernel(Accumulator acc, RowsView v, std::int64_t rows_per_split,
+                       typename Accumulator::state_type* __restrict__ partials) {
+  using State = typename Accumulator::state_type;
+  const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * Columns + threadIdx.x;
+  const std::int64_t split = blockIdx.y;
+  const std::int64_t end = min64(v.R, (split + 1) * rows_per_split);
+  State state = empty_state<Accumulator>();
+  if (column < v.F) {
+    acc.bind(column);
+    walk_rows_reduce<Rows, Loads>(
+        v, column, split * rows_per_split + threadIdx.y, end, [&](std::int64_t i) { return acc.load(i); },
+        [&](const typename Accumulator::value_type& value) { acc.push(state, value); });
+  }
+  // Transpose through shared memory so that a column's `Rows` partials sit in adjacent
+  // lanes, then reduce each group with a logical warp of `Rows` threads.
+  __shared__ cub::Uninitialized<State[Rows * Columns]> staged_storage;
+  State* staged = staged_storage.Alias();
+  staged[threadIdx.y * Columns + threadIdx.x] = state;
+  __syncthreads();
+  const int t = threadIdx.y * Columns + threadIdx.x;
+  const int my_column = t / Rows, my_row = t % Rows;
+  using WarpReduce = cub::WarpReduce<State, Rows>;
+  __shared__ typename WarpReduce::TempStorage temp[Columns];
+  const State total = WarpReduce(temp[my_column]).Reduce(staged[my_row * Columns + my_column],
+                                                          typename Accumulator::merge_type{});
+  const std::int64_t out_column = static_cast<std::int64_t>(blockIdx.x) * Columns + my_column;
+  if (my_row == 0 && out_column < v.F) partials[split * v.F + out_column] = total;
+}
+
+/// One warp merges one feature's partials (lanes stride over them, then a CUB warp reduce).
+template <class Accumulator>
+__device__ typename Accumulator::state_type merge_partials(const typename Accumulator::state_type* partials,
+                                                           PartialsLayout layout, std::int64_t column) {
+  using State = typename Accumulator::state_type;
+  const int lane = threadIdx.x % 32;
+  State state = empty_state<Accumulator>();
+  const typename Accumulator::merge_type merge{};
+  for (std::int64_t k = lane; k < layout.splits; k += 32)
+    state = merge(state, partials[column * layout.feature_stride + k * layout.split_stride]);
+  using WarpReduce = cub::WarpReduce<State>;
+  __shared__ typename WarpReduce::TempStorage temp[TilePolicy::finalize_warps];
+  return WarpReduce(temp[threadIdx.x / 32]).Reduce(state, merge);
+}
+
+// ---- per-feature finalization ------------------------------------------------------------
+
+/// Per-column normalization constants (column order, see FeatureMap) in the workspace.
+template <class Acc>
+struct ColumnAffine {
+  Affine<Acc>* affine;
+};
+
+/// Pointers the forward finalization reads and writes (parameter order).
+template <class P>
+struct ForwardFeatureArgs {
+  const P* weight;  ///< may be null
+  const P* bias;
+  P* running_mean;  ///< null: not tracked (or eval: read-only use in running_affine_kernel)
+  P* running_var;
+  P* save_mean;  ///< may be null
+  P* save_invstd;
+  double eps;
+  double factor;
+};
+
+template <class Acc, class P>
+__device__ void write_column_affine(Affine<Acc>* affine, std::int64_t column, std::int64_t p, Acc mean, Acc var,
+                                    const ForwardFeatureArgs<P>& a) {
+  const Acc invstd = inverse_std(var, a.eps);
+  if (a.save_mean) a.save_mean[p] = static_cast<P>(mean);
+  if (a.save_invstd) a.save_invstd[p] = static_cast<P>(invstd);
+  const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
+  const Acc b = a.bias ? static_cast<Acc>(a.bias[p]) : Acc(0);
+  affine[column] = normalize_affine(mean, invstd, w, b);
+}
+
+/**
+ * @brief Merges each feature's Welford partials, then writes save_mean / save_invstd, the
+ *        column's normalization constants and (when tracking) the running stats. With
+ *        `deferred_update`, statistics go to `stats` and a non-finite one sets `*nonfinite`;
+ *        apply_running_update_kernel then decides for the whole batch.
+ */
+template <class Acc, class P>
+BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
+    forward_finalize_kernel(const Welford<Acc>* __restrict__ partials, PartialsLayout layout, std::int64_t F,
+                            FeatureMap map, ForwardFeatureArgs<P> a, Affine<Acc>* __restrict__ affine,
+                            bool deferred_update, FeatureStats<Acc>* __restrict__ stats, int* __restrict__ nonfinite) {
+  const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * TilePolicy::finalize_warps + threadIdx.x / 32;
+  if (column >= F) return;  // whole warps leave together
+  const Welford<Acc> total = merge_partials<WelfordAccumulator<float, Acc>>(partials, layout, column);
+  if (threadIdx.x % 32 != 0) return;
+  const std::int64_t p = map.param(column);
+  const FeatureStats<Acc> s = finalize(total);
+  write_column_affine(affine, column, p, s.mean, s.biased_var, a);
+  if (a.running_mean == nullptr) return;
+  if (!deferred_update) {
+    update_running(a.running_mean[p], a.running_var[p], s, a.factor);
+  } else {
+    stats[p] = s;
+    if (!is_finite(s)) atomicOr(nonfinite, 1);
+  }
+}
+
+/// Second half of a deferred update: all features or none, and count a skipped batch.
+template <class Acc, class P>
+BN_KERNEL void apply_running_update_kernel(const FeatureStats<Acc>* __restrict__ stats, std::int64_t F,
+                                           const int* __restrict__ nonfinite, P* running_mean, P* running_var,
+                                           double factor, std::int64_t* skipped_updates) {
+  const std::int64_t p = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (*nonfinite) {
+    if (p == 0 && skipped_updates) ++*skipped_updates;
+    return;
+  }
+  if (p < F) update_running(running_mean[p], running_var[p], stats[p], factor);
+}
+
+/// Eval with running statistics: constants from running_mean / running_var.
+template <class Acc, class P>
+BN_KERNEL void running_affine_kernel(std::int64_t F, FeatureMap map, ForwardFeatureArgs<P> a,
+                                     Affine<Acc>* __restrict__ affine) {
+  const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (column >= F) return;
+  const std::int64_t p = map.param(column);
+  write_column_affine(affine, column, p, static_cast<Acc>(a.running_mean[p]), static_cast<Acc>(a.running_var[p]), a);
+}
+
+template <class P>
+struct BackwardFeatureArgs {
+  const P* weight;  ///< may be null
+  const P* mean;
+  const P* invstd;
+  P* grad_weight;  ///< may be null
+  P* grad_bias;    ///< may be null
+  std::int64_t n;
+  bool batch_statistics;
+  bool accumulate;
+};
+
+template <class Acc, class P>
+BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
+    backward_finalize_kernel(const GradSums<Acc>* __restrict__ partials, PartialsLayout layout, std::int64_t F,
+                             FeatureMap map, BackwardFeatureArgs<P> a, ColumnGrad<Acc>* __restrict__ coefficients) {
+  const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * TilePolicy::finalize_warps + threadIdx.x / 32;
+  if (column >= F) return;
+  const GradSums<Acc> sums = merge_partials<GradAccumulator<float, Acc, P>>(partials, layout, column);
+  if (threadIdx.x % 32 != 0) return;
+  const std::int64_t p = map.param(column);
+  const Acc invstd = static_cast<Acc>(a.invstd[p]);
+  if (a.grad_weight) {
+    const Acc base = a.accumulate ? static_cast<Acc>(a.grad_weight[p]) : Acc(0);
+    a.grad_weight[p] = static_cast<P>(base + sums.dy_xmu * invstd);
+  }
+  if (a.grad_bias) {
+    const Acc base = a.accumulate ? static_cast<Acc>(a.grad_bias[p]) : Acc(0);
+    a.grad_bias[p] = static_cast<P>(base + sums.dy);
+  }
+  if (coefficients) {
+    const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
+    const BackwardCoefficients<Acc> k =
+        backward_coefficients(sums.dy, sums.dy_xmu, invstd, w, a.n, a.batch_statistics);
+    coefficients[column] = {static_cast<Acc>(a.mean[p]), k.dy_scale, k.xmu_scale, k.constant};
+  }
+}
+
+// ---- elementwise passes ------------------------------------------------------------------
+
+/// y = act((x − mean) · scale + bias [+ z]).
+template <class T, class Acc>
+struct NormalizeOp {
+  const T* __restrict__ x;
+  const T* residual;  ///< may alias y
+  T* y;               ///< may alias x
+  const Affine<Acc>* __restrict__ affine;
+  bool relu;
+  __device__ void operator()(std::int64_t i, std::int64_t column) const {
+    Acc v = affine[column].apply(static_cast<Acc>(x[i]));
+    if (residual) v += static_cast<Acc>(residual[i]);
+    if (relu) v = batchnorm::detail::relu(v);
+    y[i] = static_cast<T>(v);
+  }
+};
+
+/// dx and dz from the per-column coefficients.
+template <class T, class Acc>
+struct InputGradOp {
+  const T* x;
+  const T* dy;
+  const T* __restrict__ y;  ///< non-null: relu mask
+  T* dx;                    ///< may alias dy or x; may be null
+  T* dz;                    ///< may be null
+  const ColumnGrad<Acc>* __restrict__ k;
+  __device__ void operator()(std::int64_t i, std::int64_t column) const {
+    Acc g = static_cast<Acc>(dy[i]);
+    if (y != nullptr && !(static_cast<Acc>(y[i]) > Acc(0))) g = Acc(0);
+    const ColumnGrad<Acc> c = k[column];
+    const Acc xmu = static_cast<Acc>(x[i]) - c.mean;
+    if (dz) dz[i] = static_cast<T>(g);
+    if (dx) dx[i] = static_cast<T>(g * c.dy_scale + xmu * c.xmu_scale + c.constant);
+  }
+};
+
+/// Grid-stride over a PlanarView in memory order; the column is the channel.
+template <int Threads, class Op>
+BN_KERNEL void __launch_bounds__(Threads) planar_elementwise_kernel(Op op, PlanarView v) {
+  walk_planar_elementwise(v, static_cast<std::int64_t>(blockIdx.x) * Threads + threadIdx.x,
+                          static_cast<std::int64_t>(gridDim.x) * Threads, op);
+}
+
+/// Grid-stride over a RowsView in memory order; the column is i mod F.
+template <int Threads, class Op>
+BN_KERNEL void __launch_bounds__(Threads) rows_elementwise_kernel(Op op, RowsView v) {
+  walk_rows_elementwise(v, static_cast<std::int64_t>(blockIdx.x) * Threads + threadIdx.x,
+                        static_cast<std::int64_t>(gridDim.x) * Threads, op);
+}
+
+}  // namespace batchnorm::detail::cuda_impl
