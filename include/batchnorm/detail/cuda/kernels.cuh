@@ -282,7 +282,7 @@ BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
 /// y = act((x − mean) · scale + bias [+ z]).
 template <class T, class Acc>
 struct NormalizeOp {
-  const T* __restrict__ x;
+  const T* x;  ///< not __restrict__: y may alias it
   const T* residual;  ///< may alias y
   T* y;               ///< may alias x
   const Affine<Acc>* __restrict__ affine;
