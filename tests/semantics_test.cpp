@@ -286,16 +286,12 @@ TYPED_TEST(Semantics, ConstantChannelGivesExactlyBias) {
         if (c == 1 && y[i] != static_cast<T>(st.bias[1]) && wrong++ == 0) first = i;
         if (c != 1 && !std::isfinite(static_cast<double>(y[i]))) ++nonfinite;
       });
-      // KNOWN FAILURE (double, 7.3): the CPU backend takes the mean as sum / n
-      // (detail/cpu/functional.inl:65); the sum of n copies of 7.3 rounds in double, so
-      // mean != 7.3, (x - mean) != 0 and y misses bias by ~1e-13.
       EXPECT_EQ(wrong, 0) << "constant " << constant << " " << shape << ": first wrong element " << first << " = "
                           << (first >= 0 ? static_cast<double>(y[first]) : 0.0) << ", bias "
                           << static_cast<double>(st.bias[1]) << " (difference "
                           << (first >= 0 ? static_cast<double>(y[first]) - static_cast<double>(st.bias[1]) : 0.0)
                           << ")";
       EXPECT_EQ(nonfinite, 0);
-      // KNOWN FAILURE (double, 7.3): the mean of a constant channel is inexact (see above).
       EXPECT_EQ(layer.save_mean_data()[1], static_cast<P>(constant));
       EXPECT_EQ(layer.save_invstd_data()[1], static_cast<P>(1.0 / std::sqrt(1e-5)));
       // The unbiased variance 0 enters running_var: 0.9 * v.

@@ -51,11 +51,14 @@ inline std::int64_t features(const Shape& shape, Mode mode) {
 /// Calls f(offset, feature) for every element, in (n, c, s) order (not memory order).
 template <class F>
 void for_each(const Shape& shape, Mode mode, F&& f) {
+  const std::int64_t N = shape[0], C = shape[1];
   std::int64_t S = 1;
   for (int d = 2; d < shape.rank(); ++d) S *= shape[d];
-  for (std::int64_t n = 0; n < shape[0]; ++n)
-    for (std::int64_t c = 0; c < shape[1]; ++c)
-      for (std::int64_t s = 0; s < S; ++s) f(offset(shape, n, c, s), mode == Mode::per_channel ? c : c * S + s);
+  const bool last = shape.layout() == Layout::channels_last;
+  for (std::int64_t n = 0; n < N; ++n)
+    for (std::int64_t c = 0; c < C; ++c)
+      for (std::int64_t s = 0; s < S; ++s)
+        f(last ? (n * S + s) * C + c : (n * C + c) * S + s, mode == Mode::per_channel ? c : c * S + s);
 }
 
 /// A layer's tensors in double. Empty vectors: not affine / not tracking.
