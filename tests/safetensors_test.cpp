@@ -453,6 +453,10 @@ TEST(SafetensorsCorrupt, BadJson) {
   h = header;
   h["weight"]["data_offsets"] = {8};
   expect_rejected(join(h, data), {"tensor 'weight'", "data_offsets"});
+  // Deep nesting (a stack-exhaustion attempt): rejected without recursion trouble.
+  const std::string deep = "{\"weight\": " + std::string(200000, '[') + std::string(200000, ']') + "}";
+  expect_rejected(join_text(deep, data), {"tensor 'weight'", "expected an object"});
+  expect_rejected(join_text("{\"weight\": " + std::string(200000, '['), data), {"not valid JSON"});
   // Metadata alone is fine (a valid file may carry it).
   h = header;
   h["__metadata__"] = {{"format", "pt"}};
