@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -99,7 +100,8 @@ class BatchNorm {
   [[nodiscard]] bool is_training() const noexcept { return training_; }
   [[nodiscard]] std::int64_t num_features() const noexcept { return num_features_; }
   [[nodiscard]] const Options& options() const noexcept { return options_; }
-  /// @brief Number of training batches so far (counted on the host; no synchronization).
+  /// @brief Number of training batches so far (counted on the host; no synchronization;
+  ///        saturates at 2^63 - 1).
   [[nodiscard]] std::int64_t num_batches_tracked() const noexcept { return num_batches_tracked_; }
 
   /**
@@ -301,7 +303,9 @@ class BatchNorm {
     const bool tracking = options_.track_running_stats;
     const bool batch_statistics = training_ || !tracking;
     const bool updates = training_ && tracking;
-    const std::int64_t batches = updates ? num_batches_tracked_ + 1 : num_batches_tracked_;
+    // Saturates instead of wrapping at 2^63 - 1 (PyTorch's int64 tensor would wrap negative).
+    const bool saturated = num_batches_tracked_ == std::numeric_limits<std::int64_t>::max();
+    const std::int64_t batches = updates && !saturated ? num_batches_tracked_ + 1 : num_batches_tracked_;
     const double factor = !updates ? 0.0 : (options_.momentum ? *options_.momentum : 1.0 / static_cast<double>(batches));
 
     ForwardArgs<T> args;

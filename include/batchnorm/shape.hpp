@@ -28,7 +28,8 @@ enum class Layout { contiguous, channels_last };
  *        `(N, C, spatial...)`, plus its Layout (contiguous unless set).
  *
  * @throws batchnorm::invalid_argument (argument "shape") if the list has fewer than 2 or
- *         more than 5 extents, an extent is negative, or the element count overflows int64.
+ *         more than 5 extents, an extent is negative, or the product of the non-zero
+ *         extents overflows int64.
  */
 class Shape {
  public:
@@ -44,11 +45,14 @@ class Shape {
       detail::require(e >= 0, "shape", "shape: extent ", i, " must be >= 0, got ", e);
       extents_[static_cast<std::size_t>(i++)] = e;
     }
-    // Reject shapes whose element count does not fit int64 before any index math runs.
+    // Reject shapes whose extents multiply past int64 before any index math runs. Zero
+    // extents count as 1 here, so that every partial product (C * spatial, N * spatial, ...)
+    // fits even when the tensor is empty.
     std::int64_t product = 1;
     for (int d = 0; d < rank_; ++d) {
       const std::int64_t e = extents_[static_cast<std::size_t>(d)];
-      detail::require(e == 0 || product <= std::numeric_limits<std::int64_t>::max() / e, "shape",
+      if (e == 0) continue;
+      detail::require(product <= std::numeric_limits<std::int64_t>::max() / e, "shape",
                       "shape: element count overflows int64 at extent ", d, " (", e, ")");
       product *= e;
     }

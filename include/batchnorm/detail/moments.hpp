@@ -84,8 +84,9 @@ struct FeatureStats {
 template <class Acc>
 BN_HOST_DEVICE FeatureStats<Acc> finalize(const Welford<Acc>& w) {
   const Acc n = static_cast<Acc>(w.count);
-  // Rounding can make M2 a hair negative for constant data; variance is never negative.
-  const Acc m2 = w.m2 > Acc(0) ? w.m2 : Acc(0);
+  // Rounding can make M2 a hair negative; variance is never negative. NaN stays NaN, so
+  // that non-finite input is seen as such (by skip_nonfinite_updates, and in the output).
+  const Acc m2 = w.m2 < Acc(0) ? Acc(0) : w.m2;
   return {w.mean, m2 / n, w.count > 1 ? m2 / (n - Acc(1)) : Acc(0)};
 }
 
@@ -129,37 +130,71 @@ BN_HOST_DEVICE Affine<Acc> normalize_affine(Acc mean, Acc invstd, Acc weight, Ac
   return {mean, invstd * weight, bias};
 }
 
-/// relu that lets NaN through, as torch.relu does (and maps -0 to +0).
+/// relu as torch.relu: NaN and -0 pass through.
 template <class Acc>
 BN_HOST_DEVICE Acc relu(Acc v) {
-  return v <= Acc(0) ? Acc(0) : v;
+  return v < Acc(0) ? Acc(0) : v;
+}
+
+/// Gradient through relu from its output y, as PyTorch's threshold_backward:
+/// zero where y <= 0, dy elsewhere (also where y is NaN).
+template <class Acc>
+BN_HOST_DEVICE Acc relu_backward(Acc dy, Acc y) {
+  return y <= Acc(0) ? Acc(0) : dy;
 }
 
 /**
- * @brief Per-feature coefficients of the backward pass, from the two reductions
- *        sum_dy = Σ dy and sum_dy_xmu = Σ dy·(x − mean) over n elements, so that
- *        dx = dy * dy_scale + (x − mean) * xmu_scale + constant   (PyTorch's
- *        native_batch_norm_backward):
+ * @brief The three sums of the backward pass over one feature's n values, each taken
+ *        against the mean the forward *saved* (rounded to the parameter type):
+ *        Σ dy, Σ dy·(x − saved_mean) and Σ (x − saved_mean). The third measures the
+ *        saved mean's rounding error, so backward stays accurate when the data has a
+ *        large offset (a float mean of data around 1e6 is off by up to 0.03).
+ */
+template <class Acc>
+struct BackwardSums {
+  Acc dy = Acc(0);
+  Acc dy_xmu = Acc(0);
+  Acc xmu = Acc(0);
+};
+
+/// Functor that adds two BackwardSums (for cub::BlockReduce / WarpReduce).
+struct BackwardSumsAdd {
+  template <class Acc>
+  BN_HOST_DEVICE BackwardSums<Acc> operator()(const BackwardSums<Acc>& a, const BackwardSums<Acc>& b) const {
+    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu, a.xmu + b.xmu};
+  }
+};
+
+/**
+ * @brief Per-feature results of the backward pass (PyTorch's native_batch_norm_backward),
+ *        with sum_dy = Σ dy, sum_dy_xmu = Σ dy·(x − mean) over n values:
+ *  - grad_weight = sum_dy_xmu · invstd, grad_bias = sum_dy;
  *  - training (batch statistics): dx = (dy − sum_dy/n − (x−mean)·invstd²·sum_dy_xmu/n)·invstd·w
  *  - eval (running statistics):   dx = dy · invstd · w
+ * In the form dx = dy · dy_scale + ((x − saved_mean) − mean_shift) · xmu_scale + constant,
+ * where mean_shift = Σ(x − saved_mean)/n corrects the saved mean's rounding (training only;
+ * in eval the running mean is exact by definition).
  */
 template <class Acc>
 struct BackwardCoefficients {
+  Acc mean_shift;
   Acc dy_scale;   ///< multiplies dy
-  Acc xmu_scale;  ///< multiplies (x - mean)
+  Acc xmu_scale;  ///< multiplies (x − mean)
   Acc constant;   ///< added
+  Acc grad_weight;
+  Acc grad_bias;
 };
 
 template <class Acc>
-BN_HOST_DEVICE BackwardCoefficients<Acc> backward_coefficients(Acc sum_dy, Acc sum_dy_xmu, Acc invstd,
-                                                               Acc weight, std::int64_t n,
-                                                               bool batch_statistics) {
+BN_HOST_DEVICE BackwardCoefficients<Acc> backward_coefficients(const BackwardSums<Acc>& sums, Acc invstd, Acc weight,
+                                                               std::int64_t n, bool batch_statistics) {
   const Acc dy_scale = invstd * weight;
-  if (!batch_statistics) return {dy_scale, Acc(0), Acc(0)};
+  if (!batch_statistics) return {Acc(0), dy_scale, Acc(0), Acc(0), sums.dy_xmu * invstd, sums.dy};
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  const Acc mean_dy = sum_dy * inv_n;
-  const Acc proj = sum_dy_xmu * inv_n * invstd * invstd;
-  return {dy_scale, -proj * dy_scale, -mean_dy * dy_scale};
+  const Acc shift = sums.xmu * inv_n;
+  const Acc dy_xmu = sums.dy_xmu - shift * sums.dy;  // Σ dy·(x − true mean)
+  const Acc proj = dy_xmu * inv_n * invstd * invstd;
+  return {shift, dy_scale, -proj * dy_scale, -sums.dy * inv_n * dy_scale, dy_xmu * invstd, sums.dy};
 }
 
 }  // namespace batchnorm::detail

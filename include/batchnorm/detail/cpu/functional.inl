@@ -1,8 +1,8 @@
 /**
  * @file detail/cpu/functional.inl
  * @brief The CPU reference: plain loops in memory order, accumulating in double with
- *        two passes (sum, then squared deviations from the mean). Every formula comes
- *        from detail/moments.hpp, shared with the CUDA kernels.
+ *        Welford's update per feature. Every formula comes from detail/moments.hpp, shared
+ *        with the CUDA kernels.
  */
 #pragma once
 
@@ -59,19 +59,15 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
   std::vector<double> mean(static_cast<std::size_t>(features));
   std::vector<double> var(static_cast<std::size_t>(features));  // biased (used to normalize)
   if (c.batch_statistics) {
-    const std::int64_t n = reduction_count(shape, c.mode);
-    std::vector<double> sum(static_cast<std::size_t>(features), 0.0);
-    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) { sum[f] += conv::to_double(a.x[i]); });
-    for (std::int64_t f = 0; f < features; ++f) mean[f] = sum[f] / static_cast<double>(n);
-    std::vector<double> m2(static_cast<std::size_t>(features), 0.0);
-    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
-      const double d = conv::to_double(a.x[i]) - mean[f];
-      m2[f] += d * d;
-    });
+    // Welford in double: exact for a constant feature (mean stays the constant, M2 stays 0),
+    // and the same update the CUDA kernels make.
+    std::vector<detail::Welford<double>> moments(static_cast<std::size_t>(features));
+    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) { moments[f].push(conv::to_double(a.x[i])); });
     std::vector<detail::FeatureStats<double>> stats(static_cast<std::size_t>(features));
     bool all_finite = true;
     for (std::int64_t f = 0; f < features; ++f) {
-      stats[f] = detail::finalize(detail::Welford<double>{mean[f], m2[f], n});
+      stats[f] = detail::finalize(moments[f]);
+      mean[f] = stats[f].mean;
       var[f] = stats[f].biased_var;
       all_finite = all_finite && detail::is_finite(stats[f]);
     }
@@ -120,34 +116,44 @@ void backward(cpu, const Shape& shape, const BackwardArgs<T>& a, const BackwardC
   // Gradient flowing into the normalization: dy, masked where the fused relu was inactive.
   auto upstream = [&](std::int64_t i) {
     const double g = conv::to_double(a.dy[i]);
-    return relu && !(conv::to_double(a.y[i]) > 0.0) ? 0.0 : g;
+    return relu ? detail::relu_backward(g, conv::to_double(a.y[i])) : g;
   };
-
-  std::vector<double> sum_dy(static_cast<std::size_t>(features), 0.0);
-  std::vector<double> sum_dy_xmu(static_cast<std::size_t>(features), 0.0);
-  for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
-    const double g = upstream(i);
-    sum_dy[f] += g;
-    sum_dy_xmu[f] += g * (conv::to_double(a.x[i]) - static_cast<double>(a.mean[f]));
-  });
-  for (std::int64_t f = 0; f < features; ++f) {
-    const double invstd = static_cast<double>(a.invstd[f]);
-    const double base_w = c.accumulate && a.grad_weight.data ? static_cast<double>(a.grad_weight[f]) : 0.0;
-    const double base_b = c.accumulate && a.grad_bias.data ? static_cast<double>(a.grad_bias[f]) : 0.0;
-    if (a.grad_weight.data) a.grad_weight[f] = static_cast<P>(base_w + sum_dy_xmu[f] * invstd);
-    if (a.grad_bias.data) a.grad_bias[f] = static_cast<P>(base_b + sum_dy[f]);
+  if (shape.numel() == 0) {  // no values: the sums are zero
+    for (std::int64_t f = 0; f < features && !c.accumulate; ++f) {
+      if (a.grad_weight.data) a.grad_weight[f] = P(0);
+      if (a.grad_bias.data) a.grad_bias[f] = P(0);
+    }
+    return;
   }
-  if (a.dx == nullptr && a.dresidual == nullptr) return;
 
-  std::vector<detail::BackwardCoefficients<double>> k(static_cast<std::size_t>(features));
-  for (std::int64_t f = 0; f < features; ++f)
-    k[f] = detail::backward_coefficients(sum_dy[f], sum_dy_xmu[f], static_cast<double>(a.invstd[f]),
-                                         value_or(a.weight, f, 1.0), n, c.batch_statistics);
+  std::vector<detail::BackwardSums<double>> sums(static_cast<std::size_t>(features));
   for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
     const double g = upstream(i);
     const double xmu = conv::to_double(a.x[i]) - static_cast<double>(a.mean[f]);
+    sums[f].dy += g;
+    sums[f].dy_xmu += g * xmu;
+    sums[f].xmu += xmu;
+  });
+  std::vector<detail::BackwardCoefficients<double>> k(static_cast<std::size_t>(features));
+  for (std::int64_t f = 0; f < features; ++f) {
+    k[f] = detail::backward_coefficients(sums[f], static_cast<double>(a.invstd[f]), value_or(a.weight, f, 1.0), n,
+                                         c.batch_statistics);
+    const double base_w = c.accumulate && a.grad_weight.data ? static_cast<double>(a.grad_weight[f]) : 0.0;
+    const double base_b = c.accumulate && a.grad_bias.data ? static_cast<double>(a.grad_bias[f]) : 0.0;
+    if (a.grad_weight.data) a.grad_weight[f] = static_cast<P>(base_w + k[f].grad_weight);
+    if (a.grad_bias.data) a.grad_bias[f] = static_cast<P>(base_b + k[f].grad_bias);
+  }
+  if (a.dx == nullptr && a.dresidual == nullptr) return;
+  for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
+    const double g = upstream(i);
     if (a.dresidual) a.dresidual[i] = conv::from_double(g);
-    if (a.dx) a.dx[i] = conv::from_double(g * k[f].dy_scale + xmu * k[f].xmu_scale + k[f].constant);
+    if (a.dx == nullptr) return;
+    if (!c.batch_statistics) {  // eval: dx = dy * invstd * w, x is not read (a NaN in x stays out)
+      a.dx[i] = conv::from_double(g * k[f].dy_scale);
+      return;
+    }
+    const double xmu = (conv::to_double(a.x[i]) - static_cast<double>(a.mean[f])) - k[f].mean_shift;
+    a.dx[i] = conv::from_double(g * k[f].dy_scale + xmu * k[f].xmu_scale + k[f].constant);
   });
 }
 

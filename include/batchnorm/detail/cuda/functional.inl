@@ -128,7 +128,7 @@ void backward(cuda, const Shape& shape, const BackwardArgs<T>& a, const Backward
   check_workspace(workspace, workspace_bytes, layout.total);
 
   auto* base = static_cast<unsigned char*>(workspace);
-  auto* partials = reinterpret_cast<GradSums<Acc>*>(base + layout.partials);
+  auto* partials = reinterpret_cast<detail::BackwardSums<Acc>*>(base + layout.partials);
   const bool relu = c.activation == Activation::relu;
   const GradAccumulator<T, Acc, P> sums{a.x, a.dy, relu ? a.y : nullptr, a.mean.data, plan.map};
   launch_reduce(plan, sums, partials, stream);
@@ -143,7 +143,9 @@ void backward(cuda, const Shape& shape, const BackwardArgs<T>& a, const Backward
       partials, plan.partials_layout(), plan.features, plan.map, features, coefficients);
   BN_CUDA_CHECK_LAUNCH();
   if (input_grads) {
-    const InputGradOp<T, Acc> op{a.x, a.dy, relu ? a.y : nullptr, a.dx, a.dresidual, coefficients};
+    const InputGradOp<T, Acc> op{a.x,         a.dy,         relu ? a.y : nullptr,
+                                 a.dx,        a.dresidual,  coefficients,
+                                 c.batch_statistics};
     launch_elementwise(plan, op, shape.numel(), policy, stream);
   }
 }

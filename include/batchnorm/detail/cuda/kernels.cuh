@@ -41,21 +41,14 @@ struct WelfordAccumulator {
   __device__ static void push(state_type& s, value_type v) { s.push(v); }
 };
 
-struct GradSumsAdd {
-  template <class Acc>
-  __device__ GradSums<Acc> operator()(const GradSums<Acc>& a, const GradSums<Acc>& b) const {
-    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
-  }
-};
-
-/// Backward sums over (dy, x), with dy masked by y > 0 after a fused relu.
+/// Backward sums over (dy, x) against the saved mean, with dy masked by y > 0 after a fused relu.
 template <class T, class Acc, class P>
 struct GradAccumulator {
   struct value_type {
     Acc g, x;
   };
-  using state_type = GradSums<Acc>;
-  using merge_type = GradSumsAdd;
+  using state_type = BackwardSums<Acc>;
+  using merge_type = BackwardSumsAdd;
   const T* __restrict__ x;
   const T* __restrict__ dy;
   const T* __restrict__ y;  ///< non-null: relu mask
@@ -65,12 +58,14 @@ struct GradAccumulator {
   __device__ void bind(std::int64_t column) { column_mean = static_cast<Acc>(mean[map.param(column)]); }
   __device__ value_type load(std::int64_t i) const {
     Acc g = static_cast<Acc>(dy[i]);
-    if (y != nullptr && !(static_cast<Acc>(y[i]) > Acc(0))) g = Acc(0);
+    if (y != nullptr) g = relu_backward(g, static_cast<Acc>(y[i]));
     return {g, static_cast<Acc>(x[i])};
   }
   __device__ void push(state_type& s, const value_type& v) const {
+    const Acc xmu = v.x - column_mean;
     s.dy += v.g;
-    s.dy_xmu += v.g * (v.x - column_mean);
+    s.dy_xmu += v.g * xmu;
+    s.xmu += xmu;
   }
 };
 
@@ -253,28 +248,26 @@ struct BackwardFeatureArgs {
 
 template <class Acc, class P>
 BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
-    backward_finalize_kernel(const GradSums<Acc>* __restrict__ partials, PartialsLayout layout, std::int64_t F,
+    backward_finalize_kernel(const BackwardSums<Acc>* __restrict__ partials, PartialsLayout layout, std::int64_t F,
                              FeatureMap map, BackwardFeatureArgs<P> a, ColumnGrad<Acc>* __restrict__ coefficients) {
   const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * TilePolicy::finalize_warps + threadIdx.x / 32;
   if (column >= F) return;
-  const GradSums<Acc> sums = merge_partials<GradAccumulator<float, Acc, P>>(partials, layout, column);
+  const BackwardSums<Acc> sums = merge_partials<GradAccumulator<float, Acc, P>>(partials, layout, column);
   if (threadIdx.x % 32 != 0) return;
   const std::int64_t p = map.param(column);
-  const Acc invstd = static_cast<Acc>(a.invstd[p]);
+  const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
+  const BackwardCoefficients<Acc> k =
+      backward_coefficients(sums, static_cast<Acc>(a.invstd[p]), w, a.n, a.batch_statistics);
   if (a.grad_weight) {
     const Acc base = a.accumulate ? static_cast<Acc>(a.grad_weight[p]) : Acc(0);
-    a.grad_weight[p] = static_cast<P>(base + sums.dy_xmu * invstd);
+    a.grad_weight[p] = static_cast<P>(base + k.grad_weight);
   }
   if (a.grad_bias) {
     const Acc base = a.accumulate ? static_cast<Acc>(a.grad_bias[p]) : Acc(0);
-    a.grad_bias[p] = static_cast<P>(base + sums.dy);
+    a.grad_bias[p] = static_cast<P>(base + k.grad_bias);
   }
-  if (coefficients) {
-    const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
-    const BackwardCoefficients<Acc> k =
-        backward_coefficients(sums.dy, sums.dy_xmu, invstd, w, a.n, a.batch_statistics);
-    coefficients[column] = {static_cast<Acc>(a.mean[p]), k.dy_scale, k.xmu_scale, k.constant};
-  }
+  if (coefficients)
+    coefficients[column] = {static_cast<Acc>(a.mean[p]), k.mean_shift, k.dy_scale, k.xmu_scale, k.constant};
 }
 
 // ---- elementwise passes ------------------------------------------------------------------
@@ -304,13 +297,19 @@ struct InputGradOp {
   T* dx;                    ///< may alias dy or x; may be null
   T* dz;                    ///< may be null
   const ColumnGrad<Acc>* __restrict__ k;
+  bool batch_statistics;
   __device__ void operator()(std::int64_t i, std::int64_t column) const {
     Acc g = static_cast<Acc>(dy[i]);
-    if (y != nullptr && !(static_cast<Acc>(y[i]) > Acc(0))) g = Acc(0);
+    if (y != nullptr) g = relu_backward(g, static_cast<Acc>(y[i]));
     const ColumnGrad<Acc> c = k[column];
-    const Acc xmu = static_cast<Acc>(x[i]) - c.mean;
     if (dz) dz[i] = static_cast<T>(g);
-    if (dx) dx[i] = static_cast<T>(g * c.dy_scale + xmu * c.xmu_scale + c.constant);
+    if (dx == nullptr) return;
+    if (!batch_statistics) {  // eval: dx = dy * invstd * w, x is not read
+      dx[i] = static_cast<T>(g * c.dy_scale);
+      return;
+    }
+    const Acc xmu = (static_cast<Acc>(x[i]) - c.mean) - c.mean_shift;
+    dx[i] = static_cast<T>(g * c.dy_scale + xmu * c.xmu_scale + c.constant);
   }
 };
 

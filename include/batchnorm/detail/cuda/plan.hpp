@@ -248,17 +248,10 @@ inline Plan make_plan(const Shape& shape, Mode mode, const LaunchPolicy& policy)
   return p;
 }
 
-/// Sums of the backward pass, per feature.
-template <class Acc>
-struct GradSums {
-  Acc dy;      ///< Σ dy
-  Acc dy_xmu;  ///< Σ dy · (x − mean)
-};
-
-/// dx = g * dy_scale + (x − mean) * xmu_scale + constant, per column.
+/// dx = g * dy_scale + ((x − mean) − mean_shift) * xmu_scale + constant, per column.
 template <class Acc>
 struct ColumnGrad {
-  Acc mean, dy_scale, xmu_scale, constant;
+  Acc mean, mean_shift, dy_scale, xmu_scale, constant;
 };
 
 inline std::size_t align_up(std::size_t bytes) { return (bytes + 255) & ~static_cast<std::size_t>(255); }
@@ -288,7 +281,7 @@ WorkspaceLayout forward_layout(const Plan& p, const ForwardConfig& c, bool track
 template <class Acc>
 WorkspaceLayout backward_layout(const Plan& p) {
   const auto F = static_cast<std::size_t>(p.features);
-  return carve(static_cast<std::size_t>(p.splits) * F * sizeof(GradSums<Acc>), F * sizeof(ColumnGrad<Acc>), 0);
+  return carve(static_cast<std::size_t>(p.splits) * F * sizeof(BackwardSums<Acc>), F * sizeof(ColumnGrad<Acc>), 0);
 }
 
 /// Enough for every shape with @p features features under @p policy: make_plan never
@@ -297,7 +290,7 @@ template <class Acc>
 std::size_t max_workspace_bytes(std::int64_t features, const LaunchPolicy& policy) {
   const auto F = static_cast<std::size_t>(features);
   const auto partials = F + static_cast<std::size_t>(TilePolicy::rows_tile_columns * policy.reduce_block_target());
-  const std::size_t state = std::max(sizeof(Welford<Acc>), sizeof(GradSums<Acc>));
+  const std::size_t state = std::max(sizeof(Welford<Acc>), sizeof(BackwardSums<Acc>));
   const std::size_t column = std::max(sizeof(Affine<Acc>), sizeof(ColumnGrad<Acc>));
   return carve(partials * state, F * column, F * sizeof(FeatureStats<Acc>)).total;
 }
