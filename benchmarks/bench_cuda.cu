@@ -89,63 +89,64 @@ void BM_OursBackward(benchmark::State& state) {
 }
 
 #if BATCHNORM_BENCH_CUDNN
-#define CUDNN_OK(call)                                                          \
-  do {                                                                          \
-    cudnnStatus_t s_ = (call);                                                  \
-    if (s_ != CUDNN_STATUS_SUCCESS) return state.SkipWithError(cudnnGetErrorString(s_)); \
-  } while (0)
+/// cuDNN handle and descriptors for one shape; cuDNN's best mode per layout (persistent
+/// spatial for NHWC, as PyTorch and Apex pick).
+struct CudnnBatchNorm {
+  cudnnHandle_t handle = nullptr;
+  cudnnTensorDescriptor_t x = nullptr, params = nullptr;
+  cudnnBatchNormMode_t mode = CUDNN_BATCHNORM_SPATIAL;
+  cudnnStatus_t status = CUDNN_STATUS_SUCCESS;
+
+  explicit CudnnBatchNorm(const bn::Shape& shape) {
+    const int N = static_cast<int>(shape.batch()), C = static_cast<int>(shape.channels());
+    const int H = shape.rank() == 2 ? 1 : static_cast<int>(shape[2]);
+    const int W = shape.rank() == 2 ? 1 : static_cast<int>(shape[3]);
+    const auto format = shape.layout() == bn::Layout::channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+    mode = format == CUDNN_TENSOR_NHWC ? CUDNN_BATCHNORM_SPATIAL_PERSISTENT : CUDNN_BATCHNORM_SPATIAL;
+    if ((status = cudnnCreate(&handle)) != CUDNN_STATUS_SUCCESS) return;
+    if ((status = cudnnCreateTensorDescriptor(&x)) != CUDNN_STATUS_SUCCESS) return;
+    if ((status = cudnnCreateTensorDescriptor(&params)) != CUDNN_STATUS_SUCCESS) return;
+    if ((status = cudnnSetTensor4dDescriptor(x, format, CUDNN_DATA_FLOAT, N, C, H, W)) != CUDNN_STATUS_SUCCESS) return;
+    status = cudnnDeriveBNTensorDescriptor(params, x, mode);
+  }
+  ~CudnnBatchNorm() {
+    if (params) cudnnDestroyTensorDescriptor(params);
+    if (x) cudnnDestroyTensorDescriptor(x);
+    if (handle) cudnnDestroy(handle);
+  }
+  cudnnStatus_t forward_training(const float* in, float* out, const float* scale, const float* bias, float* rm,
+                                 float* rv, float* save_mean, float* save_invstd) const {
+    const float one = 1.f, zero = 0.f;
+    return cudnnBatchNormalizationForwardTraining(handle, mode, &one, &zero, x, in, x, out, params, scale, bias, 0.1,
+                                                  rm, rv, 1e-5, save_mean, save_invstd);
+  }
+};
 
 void BM_CudnnForwardTrain(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const bn::Shape shape = shape_of(state);
-  const int N = static_cast<int>(shape.batch()), C = static_cast<int>(shape.channels());
-  const int H = shape.rank() == 2 ? 1 : static_cast<int>(shape[2]), W = shape.rank() == 2 ? 1 : static_cast<int>(shape[3]);
-  cudnnHandle_t handle;
-  CUDNN_OK(cudnnCreate(&handle));
-  cudnnTensorDescriptor_t xd, pd;
-  CUDNN_OK(cudnnCreateTensorDescriptor(&xd));
-  CUDNN_OK(cudnnCreateTensorDescriptor(&pd));
-  const auto format = shape.layout() == bn::Layout::channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
-  CUDNN_OK(cudnnSetTensor4dDescriptor(xd, format, CUDNN_DATA_FLOAT, N, C, H, W));
-  const auto mode = format == CUDNN_TENSOR_NHWC ? CUDNN_BATCHNORM_SPATIAL_PERSISTENT : CUDNN_BATCHNORM_SPATIAL;
-  CUDNN_OK(cudnnDeriveBNTensorDescriptor(pd, xd, mode));
+  const CudnnBatchNorm cudnn(shape);
+  if (cudnn.status != CUDNN_STATUS_SUCCESS) return state.SkipWithError(cudnnGetErrorString(cudnn.status));
+  const std::int64_t C = shape.channels();
   DeviceTensor x(shape.numel()), y(shape.numel()), scale(C), bias(C), rm(C), rv(C), sm(C), si(C);
-  const float one = 1.f, zero = 0.f;
-  time_iterations(state, nullptr, [&] {
-    cudnnBatchNormalizationForwardTraining(handle, mode, &one, &zero, xd, x.p, xd, y.p, pd, scale.p, bias.p, 0.1,
-                                           rm.p, rv.p, 1e-5, sm.p, si.p);
-  }, 2 * shape.numel() * static_cast<std::int64_t>(sizeof(float)));
-  cudnnDestroyTensorDescriptor(xd);
-  cudnnDestroyTensorDescriptor(pd);
-  cudnnDestroy(handle);
+  time_iterations(state, nullptr, [&] { cudnn.forward_training(x.p, y.p, scale.p, bias.p, rm.p, rv.p, sm.p, si.p); },
+                  2 * shape.numel() * static_cast<std::int64_t>(sizeof(float)));
 }
 
 void BM_CudnnBackward(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const bn::Shape shape = shape_of(state);
-  const int N = static_cast<int>(shape.batch()), C = static_cast<int>(shape.channels());
-  const int H = shape.rank() == 2 ? 1 : static_cast<int>(shape[2]), W = shape.rank() == 2 ? 1 : static_cast<int>(shape[3]);
-  cudnnHandle_t handle;
-  CUDNN_OK(cudnnCreate(&handle));
-  cudnnTensorDescriptor_t xd, pd;
-  CUDNN_OK(cudnnCreateTensorDescriptor(&xd));
-  CUDNN_OK(cudnnCreateTensorDescriptor(&pd));
-  const auto format = shape.layout() == bn::Layout::channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
-  CUDNN_OK(cudnnSetTensor4dDescriptor(xd, format, CUDNN_DATA_FLOAT, N, C, H, W));
-  const auto mode = format == CUDNN_TENSOR_NHWC ? CUDNN_BATCHNORM_SPATIAL_PERSISTENT : CUDNN_BATCHNORM_SPATIAL;
-  CUDNN_OK(cudnnDeriveBNTensorDescriptor(pd, xd, mode));
+  const CudnnBatchNorm cudnn(shape);
+  if (cudnn.status != CUDNN_STATUS_SUCCESS) return state.SkipWithError(cudnnGetErrorString(cudnn.status));
+  const std::int64_t C = shape.channels();
   DeviceTensor x(shape.numel()), y(shape.numel()), dy(shape.numel()), dx(shape.numel());
   DeviceTensor scale(C), bias(C), rm(C), rv(C), sm(C), si(C), gs(C), gb(C);
+  cudnn.forward_training(x.p, y.p, scale.p, bias.p, rm.p, rv.p, sm.p, si.p);
   const float one = 1.f, zero = 0.f;
-  cudnnBatchNormalizationForwardTraining(handle, mode, &one, &zero, xd, x.p, xd, y.p, pd, scale.p, bias.p, 0.1, rm.p,
-                                         rv.p, 1e-5, sm.p, si.p);
   time_iterations(state, nullptr, [&] {
-    cudnnBatchNormalizationBackward(handle, mode, &one, &zero, &one, &zero, xd, x.p, xd, dy.p, xd, dx.p, pd,
-                                    scale.p, gs.p, gb.p, 1e-5, sm.p, si.p);
+    cudnnBatchNormalizationBackward(cudnn.handle, cudnn.mode, &one, &zero, &one, &zero, cudnn.x, x.p, cudnn.x, dy.p,
+                                    cudnn.x, dx.p, cudnn.params, scale.p, gs.p, gb.p, 1e-5, sm.p, si.p);
   }, 3 * shape.numel() * static_cast<std::int64_t>(sizeof(float)));
-  cudnnDestroyTensorDescriptor(xd);
-  cudnnDestroyTensorDescriptor(pd);
-  cudnnDestroy(handle);
 }
 #endif
 
