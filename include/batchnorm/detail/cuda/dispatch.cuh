@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 
 #include "../../args.hpp"
 #include "../validate.hpp"
@@ -21,14 +22,28 @@
 
 namespace batchnorm::detail::cuda_impl {
 
-/// Policy for the current device. Reads device attributes only (no synchronization).
-inline LaunchPolicy current_launch_policy() {
-  int device = 0, major = 0, minor = 0, sms = 0;
-  BN_CUDA_CHECK(cudaGetDevice(&device));
+/// Reads a device's attributes (no synchronization) and picks its policy.
+inline LaunchPolicy query_launch_policy(int device) {
+  int major = 0, minor = 0, sms = 0;
   BN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   BN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   BN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return launch_policy_for(major, minor, sms);
+}
+
+/// Policy for the current device, queried once per device per process (thread-safe).
+inline LaunchPolicy current_launch_policy() {
+  int device = 0;
+  BN_CUDA_CHECK(cudaGetDevice(&device));
+  static const std::vector<LaunchPolicy> policies = [] {
+    int count = 0;
+    BN_CUDA_CHECK(cudaGetDeviceCount(&count));
+    std::vector<LaunchPolicy> all;
+    for (int d = 0; d < count; ++d) all.push_back(query_launch_policy(d));
+    return all;
+  }();
+  return device < static_cast<int>(policies.size()) ? policies[static_cast<std::size_t>(device)]
+                                                    : query_launch_policy(device);
 }
 
 /// Rejects pointers the device cannot dereference (plain host memory).
