@@ -504,9 +504,9 @@ TYPED_TEST(ClassErrors, MaximalBatchCountDoesNotOverflow) {
     auto x = TestFixture::data(s.numel());
     std::vector<T> y = TestFixture::sentinel(s.numel());
     try {
-      // KNOWN FAILURE: batch_norm.hpp forward_impl computes num_batches_tracked_ + 1 unchecked
-      // (signed overflow: UBSan aborts here; otherwise it wraps to INT64_MIN, and with
-      // momentum = None the factor 1 / INT64_MIN is rejected as "exponential_average_factor").
+      // (Regression: forward_impl once computed num_batches_tracked_ + 1 unchecked: signed
+      // overflow, wrapping to INT64_MIN, and with momentum = None the factor 1 / INT64_MIN was
+      // refused as "exponential_average_factor". It saturates now.)
       layer.forward(x.data(), y.data(), s);
     } catch (const bn::state_error&) {
       EXPECT_EQ(layer.num_batches_tracked(), std::numeric_limits<std::int64_t>::max());
@@ -550,10 +550,10 @@ TEST(ShapeErrors, ElementCountOverflow) {
 // count) are still computed from the other extents and must not overflow either.
 TEST(ShapeErrors, ZeroSizeShapeWhoseOtherExtentsOverflow) {
   const std::int64_t big = std::int64_t{1} << 40;
-  // KNOWN FAILURE: shape.hpp's overflow check multiplies extents in order and stops checking
-  // once the product is 0, so (0, 3, 2^40, 2^40) is accepted and spatial() overflows int64.
+  // (Regression: the overflow check once stopped at the first zero extent, so (0, 3, 2^40, 2^40)
+  // was accepted and spatial() overflowed.)
   expect_error([&] { bn::Shape s{0, 3, big, big}; }, invalid("shape", {"overflows int64"}));
-  // KNOWN FAILURE: likewise C · spatial = 2^80 for per_activation.
+  // C · spatial = 2^80 (per_activation's feature count) with N = 0.
   expect_error([&] { bn::Shape s{0, big, big}; }, invalid("shape", {"overflows int64"}));
 }
 
