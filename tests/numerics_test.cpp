@@ -392,6 +392,37 @@ void check_misaligned() {
 TEST(Numerics, MisalignedPointersFloat) { check_misaligned<float>(); }
 TEST(Numerics, MisalignedPointersDouble) { check_misaligned<double>(); }
 
+// Zero-size tensors with huge other extents: nothing to visit, so forward and backward return
+// at once (found by tests/fuzz/validation_fuzz.cpp: backward once looped over N = 2^40 batch
+// rows of zero channels). Without the early return this test would run for hours.
+TEST(Numerics, ZeroSizeShapesWithHugeExtentsReturnAtOnce) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::int64_t huge = std::int64_t{1} << 40;
+  for (const bn::Shape& s : {bn::Shape{huge, 0, 4}, bn::Shape{huge, 0}, bn::Shape({huge, 0, 1 << 20}, bn::Layout::channels_last),
+                             bn::Shape{0, 3, 1 << 20, 1 << 20}}) {
+    const std::int64_t F = s.channels();
+    std::vector<float> w(static_cast<std::size_t>(F), 1.f), b(static_cast<std::size_t>(F), 0.f);
+    std::vector<float> rm(static_cast<std::size_t>(F), 0.f), rv(static_cast<std::size_t>(F), 1.f);
+    std::vector<float> gw(static_cast<std::size_t>(F), 5.f), gb(static_cast<std::size_t>(F), 5.f);
+    bn::ForwardArgs<float> fa;
+    fa.weight = bn::span<const float>(w.data(), F);
+    fa.bias = bn::span<const float>(b.data(), F);
+    fa.running_mean = bn::span<float>(rm.data(), F);
+    fa.running_var = bn::span<float>(rv.data(), F);
+    EXPECT_NO_THROW(bn::forward(bn::cpu{}, s, fa, bn::ForwardConfig{})) << s;
+    bn::BackwardArgs<float> ba;
+    ba.weight = bn::span<const float>(w.data(), F);
+    ba.mean = bn::span<const float>(rm.data(), F);
+    ba.invstd = bn::span<const float>(rv.data(), F);
+    ba.grad_weight = bn::span<float>(gw.data(), F);
+    ba.grad_bias = bn::span<float>(gb.data(), F);
+    EXPECT_NO_THROW(bn::backward(bn::cpu{}, s, ba, bn::BackwardConfig{})) << s;
+    EXPECT_EQ(gw, std::vector<float>(static_cast<std::size_t>(F), 0.f)) << s;  // empty sums
+    EXPECT_EQ(rm, std::vector<float>(static_cast<std::size_t>(F), 0.f)) << s;  // untouched
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 1.0);
+}
+
 // ---- property tests ------------------------------------------------------------------------
 
 /// One random case: a shape, options, mode and data, run through the library and the reference.
