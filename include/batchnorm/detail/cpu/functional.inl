@@ -6,6 +6,7 @@
  */
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -118,11 +119,9 @@ void backward(cpu, const Shape& shape, const BackwardArgs<T>& a, const BackwardC
     const double g = conv::to_double(a.dy[i]);
     return relu ? detail::relu_backward(g, conv::to_double(a.y[i])) : g;
   };
-  if (shape.numel() == 0) {  // no values: the sums are zero
-    for (std::int64_t f = 0; f < features && !c.accumulate; ++f) {
-      if (a.grad_weight.data) a.grad_weight[f] = P(0);
-      if (a.grad_bias.data) a.grad_bias[f] = P(0);
-    }
+  if (shape.numel() == 0) {  // no values: the sums are zero (loops bounded by buffers that exist)
+    if (!c.accumulate && a.grad_weight.data) std::fill(a.grad_weight.data, a.grad_weight.data + features, P(0));
+    if (!c.accumulate && a.grad_bias.data) std::fill(a.grad_bias.data, a.grad_bias.data + features, P(0));
     return;
   }
 
