@@ -112,22 +112,26 @@ BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
 }
 
 /**
- * @brief y = (x - mean) * scale + bias with scale = invstd * weight (weight 1 and bias 0
- *        when the layer is not affine). (x - mean) is formed first, as PyTorch's CUDA kernel
- *        does: folding the mean into the shift (x * scale + shift) would cancel
- *        catastrophically for inputs with a large offset.
+ * @brief y = ((x - pivot) - mean) * scale + bias with scale = invstd * weight (weight 1 and
+ *        bias 0 when the layer is not affine), where `mean` is taken relative to `pivot`.
+ *
+ * (x - mean) is formed first, as PyTorch's CUDA kernel does: folding the mean into a shift
+ * (x * scale + shift) would cancel catastrophically for inputs with a large offset. The
+ * pivot (one value of the feature, 0 on the CPU) lets the GPU accumulate float statistics
+ * of x - pivot, which are O(std) instead of O(offset), and keep the mean to that precision.
  */
 template <class Acc>
 struct Affine {
-  Acc mean;
+  Acc pivot;
+  Acc mean;  ///< relative to pivot
   Acc scale;
   Acc bias;
-  BN_HOST_DEVICE Acc apply(Acc x) const { return (x - mean) * scale + bias; }
+  BN_HOST_DEVICE Acc apply(Acc x) const { return ((x - pivot) - mean) * scale + bias; }
 };
 
 template <class Acc>
-BN_HOST_DEVICE Affine<Acc> normalize_affine(Acc mean, Acc invstd, Acc weight, Acc bias) {
-  return {mean, invstd * weight, bias};
+BN_HOST_DEVICE Affine<Acc> normalize_affine(Acc mean, Acc invstd, Acc weight, Acc bias, Acc pivot = Acc(0)) {
+  return {pivot, mean, invstd * weight, bias};
 }
 
 /// relu as torch.relu: NaN and -0 pass through.

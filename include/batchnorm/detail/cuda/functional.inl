@@ -75,13 +75,14 @@ void forward(cuda, const Shape& shape, const ForwardArgs<T>& a, const ForwardCon
 
   if (c.batch_statistics) {
     auto* partials = reinterpret_cast<Welford<Acc>*>(base + layout.partials);
-    launch_reduce(plan, WelfordAccumulator<T, Acc>{a.x}, partials, stream);
+    const PivotIndex pivot_index{plan.planar ? plan.planar_view.S : 1};
+    launch_reduce(plan, WelfordAccumulator<T, Acc>{a.x, pivot_index}, partials, stream);
     const bool deferred = tracking && c.skip_nonfinite_updates;
     auto* stats = reinterpret_cast<FeatureStats<Acc>*>(base + layout.stats);
     auto* nonfinite = reinterpret_cast<int*>(base + layout.flag);
     if (deferred) BN_CUDA_CHECK(cudaMemsetAsync(nonfinite, 0, sizeof(int), stream));
-    forward_finalize_kernel<Acc, P><<<finalize_blocks(F), TilePolicy::finalize_warps * 32, 0, stream>>>(
-        partials, plan.partials_layout(), F, plan.map, features, affine, deferred, stats, nonfinite);
+    forward_finalize_kernel<T, Acc, P><<<finalize_blocks(F), TilePolicy::finalize_warps * 32, 0, stream>>>(
+        partials, plan.partials_layout(), F, plan.map, a.x, pivot_index, features, affine, deferred, stats, nonfinite);
     BN_CUDA_CHECK_LAUNCH();
     if (deferred) {
       constexpr int threads = TilePolicy::elementwise_threads;

@@ -29,15 +29,25 @@ namespace batchnorm::detail::cuda_impl {
 
 // ---- accumulators ------------------------------------------------------------------------
 
-/// Forward statistics: Welford over x.
+/// Where the pivot of feature `column` is: x[column * stride] (its first element: (0, c, 0)
+/// of a PlanarView, row 0 of a RowsView).
+struct PivotIndex {
+  std::int64_t stride;
+  __device__ std::int64_t operator()(std::int64_t column) const { return column * stride; }
+};
+
+/// Forward statistics: Welford over x − pivot (one value of the same feature), so that the
+/// float accumulators hold O(std) values and the mean keeps its digits at large offsets.
 template <class T, class Acc>
 struct WelfordAccumulator {
   using state_type = Welford<Acc>;
   using value_type = Acc;
   using merge_type = WelfordMerge;
   const T* __restrict__ x;
-  __device__ void bind(std::int64_t /*column*/) {}
-  __device__ value_type load(std::int64_t i) const { return static_cast<Acc>(x[i]); }
+  PivotIndex pivot_index;
+  Acc pivot = Acc(0);
+  __device__ void bind(std::int64_t column) { pivot = static_cast<Acc>(x[pivot_index(column)]); }
+  __device__ value_type load(std::int64_t i) const { return static_cast<Acc>(x[i]) - pivot; }
   __device__ static void push(state_type& s, value_type v) { s.push(v); }
 };
 
@@ -154,12 +164,6 @@ __device__ typename Accumulator::state_type merge_partials(const typename Accumu
 
 // ---- per-feature finalization ------------------------------------------------------------
 
-/// Per-column normalization constants (column order, see FeatureMap) in the workspace.
-template <class Acc>
-struct ColumnAffine {
-  Affine<Acc>* affine;
-};
-
 /// Pointers the forward finalization reads and writes (parameter order).
 template <class P>
 struct ForwardFeatureArgs {
@@ -173,15 +177,16 @@ struct ForwardFeatureArgs {
   double factor;
 };
 
+/// Writes save_mean / save_invstd and the column's constants; @p mean is relative to @p pivot.
 template <class Acc, class P>
-__device__ void write_column_affine(Affine<Acc>* affine, std::int64_t column, std::int64_t p, Acc mean, Acc var,
-                                    const ForwardFeatureArgs<P>& a) {
+__device__ void write_column_affine(Affine<Acc>* affine, std::int64_t column, std::int64_t p, Acc pivot, Acc mean,
+                                    Acc var, const ForwardFeatureArgs<P>& a) {
   const Acc invstd = inverse_std(var, a.eps);
-  if (a.save_mean) a.save_mean[p] = static_cast<P>(mean);
+  if (a.save_mean) a.save_mean[p] = static_cast<P>(pivot + mean);
   if (a.save_invstd) a.save_invstd[p] = static_cast<P>(invstd);
   const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
   const Acc b = a.bias ? static_cast<Acc>(a.bias[p]) : Acc(0);
-  affine[column] = normalize_affine(mean, invstd, w, b);
+  affine[column] = normalize_affine(mean, invstd, w, b, pivot);
 }
 
 /**
@@ -190,18 +195,21 @@ __device__ void write_column_affine(Affine<Acc>* affine, std::int64_t column, st
  *        `deferred_update`, statistics go to `stats` and a non-finite one sets `*nonfinite`;
  *        apply_running_update_kernel then decides for the whole batch.
  */
-template <class Acc, class P>
+template <class T, class Acc, class P>
 BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
     forward_finalize_kernel(const Welford<Acc>* __restrict__ partials, PartialsLayout layout, std::int64_t F,
-                            FeatureMap map, ForwardFeatureArgs<P> a, Affine<Acc>* __restrict__ affine,
-                            bool deferred_update, FeatureStats<Acc>* __restrict__ stats, int* __restrict__ nonfinite) {
+                            FeatureMap map, const T* __restrict__ x, PivotIndex pivot_index, ForwardFeatureArgs<P> a,
+                            Affine<Acc>* __restrict__ affine, bool deferred_update,
+                            FeatureStats<Acc>* __restrict__ stats, int* __restrict__ nonfinite) {
   const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * TilePolicy::finalize_warps + threadIdx.x / 32;
   if (column >= F) return;  // whole warps leave together
-  const Welford<Acc> total = merge_partials<WelfordAccumulator<float, Acc>>(partials, layout, column);
+  const Welford<Acc> total = merge_partials<WelfordAccumulator<T, Acc>>(partials, layout, column);
   if (threadIdx.x % 32 != 0) return;
   const std::int64_t p = map.param(column);
-  const FeatureStats<Acc> s = finalize(total);
-  write_column_affine(affine, column, p, s.mean, s.biased_var, a);
+  const Acc pivot = static_cast<Acc>(x[pivot_index(column)]);
+  FeatureStats<Acc> s = finalize(total);  // of x - pivot
+  write_column_affine(affine, column, p, pivot, s.mean, s.biased_var, a);
+  s.mean += pivot;
   if (a.running_mean == nullptr) return;
   if (!deferred_update) {
     update_running(a.running_mean[p], a.running_var[p], s, a.factor);
@@ -231,7 +239,8 @@ BN_KERNEL void running_affine_kernel(std::int64_t F, FeatureMap map, ForwardFeat
   const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (column >= F) return;
   const std::int64_t p = map.param(column);
-  write_column_affine(affine, column, p, static_cast<Acc>(a.running_mean[p]), static_cast<Acc>(a.running_var[p]), a);
+  write_column_affine(affine, column, p, Acc(0), static_cast<Acc>(a.running_mean[p]),
+                      static_cast<Acc>(a.running_var[p]), a);
 }
 
 template <class P>
