@@ -42,6 +42,9 @@ struct Options {
   /// Off by default (PyTorch's behaviour: NaN/Inf in a batch poison the running stats).
   /// On: a training batch whose statistics are not all finite leaves running_mean /
   /// running_var untouched and is counted (see BatchNorm::nonfinite_batches_skipped()).
+  /// `num_batches_tracked` still counts that batch: it is a host counter, and on CUDA the host
+  /// learns about the skip only by synchronizing (so with momentum = nullopt the batches
+  /// after a skip get the weight 1 / num_batches_tracked of the full count).
   bool skip_nonfinite_updates = false;
   /// `backward` adds into grad_weight / grad_bias (PyTorch's `.grad` accumulation) instead
   /// of overwriting them; `zero_grad()` resets them.
