@@ -13,6 +13,11 @@
 
 namespace batchnorm {
 
+/**
+ * @brief Pointers of a forward call, in the backend's memory. Element type @p T for
+ *        activations, `param_t<T>` for per-feature buffers (each feature_count() long).
+ * @tparam T storage type of activations
+ */
 template <class T>
 struct ForwardArgs {
   using P = param_t<T>;
@@ -54,6 +59,7 @@ struct ForwardConfig {
  *
  * `mean`/`invstd` are what the forward saved (save_mean/save_invstd). Absent outputs are
  * not computed: `dx` null gives parameter gradients only.
+ * @tparam T storage type of activations
  */
 template <class T>
 struct BackwardArgs {

@@ -20,10 +20,6 @@
 namespace batchnorm {
 
 /**
- * @brief Pointers of a forward call. Element type @p T for activations, `param_t<T>` for
- *        per-feature buffers (each `num_features` long, see feature_count()).
- */
-/**
  * @brief Forward on the CPU backend (host pointers, double accumulation, synchronous).
  * @tparam T float or double (half types with <batchnorm/half.hpp>)
  * @param shape  extents and layout of x and y
