@@ -112,26 +112,79 @@ BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
 }
 
 /**
- * @brief y = ((x - pivot) - mean) * scale + bias with scale = invstd * weight (weight 1 and
- *        bias 0 when the layer is not affine), where `mean` is taken relative to `pivot`.
+ * @brief y = ((x * prescale - pivot) - mean) * scale + bias, the normalization of one
+ *        feature: (x − batch mean) · invstd · weight + bias, in a form that stays accurate
+ *        and finite for any float data.
  *
- * (x - mean) is formed first, as PyTorch's CUDA kernel does: folding the mean into a shift
- * (x * scale + shift) would cancel catastrophically for inputs with a large offset. The
- * pivot (one value of the feature, 0 on the CPU) lets the GPU accumulate float statistics
- * of x - pivot, which are O(std) instead of O(offset), and keep the mean to that precision.
+ * (x − mean) is formed before scaling, as PyTorch's CUDA kernel does: folding the mean into
+ * a shift (x · scale + shift) cancels catastrophically at large offsets. On the CPU,
+ * prescale = 1 and pivot = 0. The GPU takes its float statistics of x · prescale − pivot
+ * (see Pivot), so `pivot` and `mean` are in prescaled units and `scale` includes 1/prescale.
  */
 template <class Acc>
 struct Affine {
+  Acc prescale;
   Acc pivot;
   Acc mean;  ///< relative to pivot
   Acc scale;
   Acc bias;
-  BN_HOST_DEVICE Acc apply(Acc x) const { return ((x - pivot) - mean) * scale + bias; }
+  BN_HOST_DEVICE Acc apply(Acc x) const { return ((x * prescale - pivot) - mean) * scale + bias; }
+};
+
+/// The affine map for a plain mean and inverse std (CPU statistics, running statistics).
+template <class Acc>
+BN_HOST_DEVICE Affine<Acc> normalize_affine(Acc mean, Acc invstd, Acc weight, Acc bias) {
+  return {Acc(1), Acc(0), mean, invstd * weight, bias};
+}
+
+/**
+ * @brief The reference point of a feature's float statistics on the GPU: one of its values,
+ *        and a power of two that brings values of that magnitude near 1.
+ *
+ * Accumulating x · prescale − pivot instead of x keeps the accumulators at the size of the
+ * spread rather than the offset (the mean keeps its digits at an offset of 1e6), and the
+ * power-of-two prescale (exact) keeps M2 finite for data near 1e30 or FLT_MAX, whose
+ * squared deviations overflow float (PyTorch #162489). Magnitudes below 2^32 are not
+ * rescaled (tiny data needs no rescue: where x² underflows, var is far below any eps).
+ */
+template <class Acc>
+struct Pivot {
+  Acc prescale;  ///< 1, or 2^-e (<= 1) for a pivot of binary exponent e > 32
+  Acc value;     ///< the pivot times prescale
 };
 
 template <class Acc>
-BN_HOST_DEVICE Affine<Acc> normalize_affine(Acc mean, Acc invstd, Acc weight, Acc bias, Acc pivot = Acc(0)) {
-  return {pivot, mean, invstd * weight, bias};
+BN_HOST_DEVICE Pivot<Acc> make_pivot(Acc x) {
+  if (!std::isfinite(x) || x == Acc(0)) return {Acc(1), std::isfinite(x) ? x : Acc(0)};
+  int exponent = 0;
+  (void)std::frexp(x, &exponent);
+  const Acc prescale = exponent > 32 ? std::ldexp(Acc(1), -exponent) : Acc(1);
+  return {prescale, x * prescale};
+}
+
+/// Statistics and normalization of a feature from Welford over x · prescale − pivot.
+template <class Acc>
+struct PivotedStats {
+  FeatureStats<Acc> stats;  ///< in the data's units, for the running statistics
+  Acc mean;                 ///< in the data's units (save_mean)
+  Acc invstd;               ///< 1 / sqrt(var + eps) (save_invstd)
+  Affine<Acc> affine;
+};
+
+template <class Acc>
+BN_HOST_DEVICE PivotedStats<Acc> finalize_pivoted(const Welford<Acc>& w, const Pivot<Acc>& p, double eps, Acc weight,
+                                                  Acc bias) {
+  const FeatureStats<Acc> scaled = finalize(w);
+  const Acc s = p.prescale;
+  // invstd = 1/sqrt(var_s / s² + eps) = s / sqrt(var_s + eps s²): finite even when var is
+  // not (s <= 1, so eps s² cannot overflow).
+  const Acc root = std::sqrt(scaled.biased_var + static_cast<Acc>(eps) * s * s);
+  PivotedStats<Acc> r;
+  r.mean = (p.value + scaled.mean) / s;
+  r.invstd = s / root;
+  r.stats = {r.mean, scaled.biased_var / s / s, scaled.unbiased_var / s / s};
+  r.affine = {s, p.value, scaled.mean, weight / root, bias};
+  return r;
 }
 
 /// relu as torch.relu: NaN and -0 pass through.

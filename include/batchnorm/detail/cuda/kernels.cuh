@@ -36,8 +36,8 @@ struct PivotIndex {
   __device__ std::int64_t operator()(std::int64_t column) const { return column * stride; }
 };
 
-/// Forward statistics: Welford over x − pivot (one value of the same feature), so that the
-/// float accumulators hold O(std) values and the mean keeps its digits at large offsets.
+/// Forward statistics: Welford over x · prescale − pivot (see Pivot in moments.hpp), so that
+/// float accumulators hold values of the size of the spread, whatever the offset or magnitude.
 template <class T, class Acc>
 struct WelfordAccumulator {
   using state_type = Welford<Acc>;
@@ -45,9 +45,9 @@ struct WelfordAccumulator {
   using merge_type = WelfordMerge;
   const T* __restrict__ x;
   PivotIndex pivot_index;
-  Acc pivot = Acc(0);
-  __device__ void bind(std::int64_t column) { pivot = static_cast<Acc>(x[pivot_index(column)]); }
-  __device__ value_type load(std::int64_t i) const { return static_cast<Acc>(x[i]) - pivot; }
+  Pivot<Acc> pivot{Acc(1), Acc(0)};
+  __device__ void bind(std::int64_t column) { pivot = make_pivot(static_cast<Acc>(x[pivot_index(column)])); }
+  __device__ value_type load(std::int64_t i) const { return static_cast<Acc>(x[i]) * pivot.prescale - pivot.value; }
   __device__ static void push(state_type& s, value_type v) { s.push(v); }
 };
 
@@ -177,16 +177,22 @@ struct ForwardFeatureArgs {
   double factor;
 };
 
-/// Writes save_mean / save_invstd and the column's constants; @p mean is relative to @p pivot.
+/// Writes save_mean / save_invstd and the column's normalization constants.
 template <class Acc, class P>
-__device__ void write_column_affine(Affine<Acc>* affine, std::int64_t column, std::int64_t p, Acc pivot, Acc mean,
-                                    Acc var, const ForwardFeatureArgs<P>& a) {
-  const Acc invstd = inverse_std(var, a.eps);
-  if (a.save_mean) a.save_mean[p] = static_cast<P>(pivot + mean);
+__device__ void write_column(Affine<Acc>* affine, std::int64_t column, std::int64_t p, Acc mean, Acc invstd,
+                             const Affine<Acc>& constants, const ForwardFeatureArgs<P>& a) {
+  if (a.save_mean) a.save_mean[p] = static_cast<P>(mean);
   if (a.save_invstd) a.save_invstd[p] = static_cast<P>(invstd);
-  const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
-  const Acc b = a.bias ? static_cast<Acc>(a.bias[p]) : Acc(0);
-  affine[column] = normalize_affine(mean, invstd, w, b, pivot);
+  affine[column] = constants;
+}
+
+template <class Acc, class P>
+__device__ Acc weight_of(const ForwardFeatureArgs<P>& a, std::int64_t p) {
+  return a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
+}
+template <class Acc, class P>
+__device__ Acc bias_of(const ForwardFeatureArgs<P>& a, std::int64_t p) {
+  return a.bias ? static_cast<Acc>(a.bias[p]) : Acc(0);
 }
 
 /**
@@ -206,10 +212,10 @@ BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
   const Welford<Acc> total = merge_partials<WelfordAccumulator<T, Acc>>(partials, layout, column);
   if (threadIdx.x % 32 != 0) return;
   const std::int64_t p = map.param(column);
-  const Acc pivot = static_cast<Acc>(x[pivot_index(column)]);
-  FeatureStats<Acc> s = finalize(total);  // of x - pivot
-  write_column_affine(affine, column, p, pivot, s.mean, s.biased_var, a);
-  s.mean += pivot;
+  const Pivot<Acc> pivot = make_pivot(static_cast<Acc>(x[pivot_index(column)]));
+  const PivotedStats<Acc> r = finalize_pivoted(total, pivot, a.eps, weight_of<Acc>(a, p), bias_of<Acc>(a, p));
+  write_column(affine, column, p, r.mean, r.invstd, r.affine, a);
+  const FeatureStats<Acc>& s = r.stats;
   if (a.running_mean == nullptr) return;
   if (!deferred_update) {
     update_running(a.running_mean[p], a.running_var[p], s, a.factor);
@@ -239,8 +245,10 @@ BN_KERNEL void running_affine_kernel(std::int64_t F, FeatureMap map, ForwardFeat
   const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (column >= F) return;
   const std::int64_t p = map.param(column);
-  write_column_affine(affine, column, p, Acc(0), static_cast<Acc>(a.running_mean[p]),
-                      static_cast<Acc>(a.running_var[p]), a);
+  const Acc mean = static_cast<Acc>(a.running_mean[p]);
+  const Acc invstd = inverse_std(static_cast<Acc>(a.running_var[p]), a.eps);
+  write_column(affine, column, p, mean, invstd, normalize_affine(mean, invstd, weight_of<Acc>(a, p), bias_of<Acc>(a, p)),
+               a);
 }
 
 template <class P>
