@@ -74,7 +74,12 @@ class device_array {
 
   void upload(const std::vector<T>& host) {
     if (host.size() != size_) throw std::length_error("device_array::upload: size mismatch");
-    if (size_ > 0) BN_TEST_CUDA_CHECK(cudaMemcpy(data_, host.data(), size_ * sizeof(T), cudaMemcpyHostToDevice));
+    if (size_ > 0) {
+      BN_TEST_CUDA_CHECK(cudaMemcpy(data_, host.data(), size_ * sizeof(T), cudaMemcpyHostToDevice));
+      // A pageable-memory copy may return before its DMA lands; kernels on non-blocking
+      // streams are not ordered after it.
+      BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+    }
   }
   /// Copies to the host after the legacy default stream's work (cudaMemcpy's ordering); work
   /// on other streams must be synchronized by the caller first.

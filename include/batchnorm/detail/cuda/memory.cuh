@@ -57,11 +57,14 @@ class device_buffer {
     }
     return v;
   }
-  /// Waits for all device work, then copies from the host. Precondition: `v.size() == size()`.
+  /// Waits for all device work, copies from the host, and waits for the copy to land (a
+  /// copy from pageable memory may return before its DMA finishes, and kernels on
+  /// non-blocking streams are not ordered after it). Precondition: `v.size() == size()`.
   void from_host(const std::vector<E>& v) {
     if (size_ > 0) {
       BN_CUDA_CHECK(cudaDeviceSynchronize());
       BN_CUDA_CHECK(cudaMemcpy(data_, v.data(), bytes(), cudaMemcpyHostToDevice));
+      BN_CUDA_CHECK(cudaDeviceSynchronize());
     }
   }
 
