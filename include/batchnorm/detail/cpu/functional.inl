@@ -57,8 +57,11 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
   const std::int64_t features = feature_count(shape, c.mode);
   if (shape.numel() == 0) return;  // PyTorch: empty output, running stats untouched
 
+  // Everything is allocated before the first write, so that std::bad_alloc cannot leave
+  // running statistics updated and y unwritten.
   std::vector<double> mean(static_cast<std::size_t>(features));
   std::vector<double> var(static_cast<std::size_t>(features));  // biased (used to normalize)
+  std::vector<detail::Affine<double>> affine(static_cast<std::size_t>(features));
   if (c.batch_statistics) {
     // Welford in double: exact for a constant feature (mean stays the constant, M2 stays 0),
     // and the same update the CUDA kernels make.
@@ -87,7 +90,6 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
     }
   }
 
-  std::vector<detail::Affine<double>> affine(static_cast<std::size_t>(features));
   for (std::int64_t f = 0; f < features; ++f) {
     const double invstd = detail::inverse_std(var[f], c.eps);
     if (a.save_mean.data) a.save_mean[f] = static_cast<P>(mean[f]);
