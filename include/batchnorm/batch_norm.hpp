@@ -112,7 +112,9 @@ class BatchNorm {
    * @throws batchnorm::invalid_argument on a wrong rank, a channel count other than
    *         num_features, a single value per feature in training, null or partially
    *         overlapping pointers. Nothing is changed when it throws.
-   * @throws batchnorm::cuda_error when a CUDA call or launch fails.
+   * @throws batchnorm::cuda_error when a CUDA call or launch fails. Arguments are checked
+   *         before any launch, so this means a broken device or context: the layer's device
+   *         buffers are then in an unknown state.
    * @note Stream-ordered on cuda: returns without waiting for the kernels.
    */
   void forward(const T* x, T* y, const Shape& shape, stream_type stream = stream_type{}) {
