@@ -17,7 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "support/common.hpp"
 #include "support/reference.hpp"
+#include "support/typed_cases.hpp"
 
 namespace bn = batchnorm;
 
@@ -73,30 +75,9 @@ std::string expect_error(Fn&& fn, const Expect& e) {
   return {};
 }
 
-template <int D>
-bn::Shape shape_of(std::int64_t N, std::int64_t C, std::int64_t a, std::int64_t b, std::int64_t c,
-                   bn::Layout layout = bn::Layout::contiguous) {
-  if constexpr (D == 1) {
-    (void)b;
-    (void)c;
-    return bn::Shape({N, C, a}, layout);
-  } else if constexpr (D == 2) {
-    (void)c;
-    return bn::Shape({N, C, a, b}, layout);
-  } else {
-    return bn::Shape({N, C, a, b, c}, layout);
-  }
-}
+using bn_test::shape_of;
 
 std::string str(const bn::Shape& s) { return ::testing::PrintToString(s); }
-
-template <class T, int D>
-struct Case {
-  using value_type = T;
-  static constexpr int dims = D;
-};
-using Cases = ::testing::Types<Case<float, 1>, Case<float, 2>, Case<float, 3>, Case<double, 1>, Case<double, 2>,
-                               Case<double, 3>>;
 
 // ---- the layer classes ---------------------------------------------------------------------
 

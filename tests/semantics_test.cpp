@@ -13,36 +13,16 @@
 #include <string>
 #include <vector>
 
+#include "support/common.hpp"
 #include "support/reference.hpp"
+#include "support/typed_cases.hpp"
 
 namespace bn = batchnorm;
 
 namespace {
 
-template <class T, int D>
-struct Case {
-  using value_type = T;
-  static constexpr int dims = D;
-};
-
-using Cases = ::testing::Types<Case<float, 1>, Case<float, 2>, Case<float, 3>, Case<double, 1>, Case<double, 2>,
-                               Case<double, 3>>;
-
-/// (N, C, a) for BatchNorm1d, (N, C, a, b) for 2d, (N, C, a, b, c) for 3d.
-template <int D>
-bn::Shape shape_of(std::int64_t N, std::int64_t C, std::int64_t a, std::int64_t b, std::int64_t c,
-                   bn::Layout layout = bn::Layout::contiguous) {
-  if constexpr (D == 1) {
-    (void)b;
-    (void)c;
-    return bn::Shape({N, C, a}, layout);
-  } else if constexpr (D == 2) {
-    (void)c;
-    return bn::Shape({N, C, a, b}, layout);
-  } else {
-    return bn::Shape({N, C, a, b, c}, layout);
-  }
-}
+using bn_test::read;
+using bn_test::shape_of;
 
 /// Relative tolerance of one computed value of type T against the double reference.
 template <class T>
@@ -61,11 +41,6 @@ void expect_close(const std::vector<T>& got, const std::vector<double>& want, do
       return;
     }
   }
-}
-
-template <class P>
-std::vector<P> read(const P* p, std::int64_t n) {
-  return std::vector<P>(p, p + n);
 }
 
 template <class C>
@@ -89,19 +64,7 @@ class Semantics : public ::testing::Test {
   }
   /// Random affine parameters and running stats (running_var > 0), as a State to load.
   static bn::State<P> random_state(std::int64_t F, std::uint64_t seed, const bn::Options& o = {}) {
-    bn::State<P> s;
-    const auto w = bnref::normal(F, seed, 1.0, 0.5), b = bnref::normal(F, seed + 1, 0.0, 0.5);
-    const auto m = bnref::normal(F, seed + 2, 0.5, 1.0), v = bnref::normal(F, seed + 3, 0.0, 1.0);
-    if (o.affine) {
-      s.weight = bnref::cast<P>(w);
-      s.bias = bnref::cast<P>(b);
-    }
-    if (o.track_running_stats) {
-      s.running_mean = bnref::cast<P>(m);
-      for (double e : v) s.running_var.push_back(static_cast<P>(0.5 + e * e));
-    }
-    s.num_batches_tracked = 7;
-    return s;
+    return bn_test::random_state<P>(F, seed, o);
   }
   /// Reference parameters equal to the library's state.
   static void load_reference(bnref::Layer& ref, const bn::State<P>& s) {

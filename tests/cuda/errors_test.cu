@@ -17,16 +17,13 @@
 #include <batchnorm/cuda.cuh>
 
 #include "support/device_memory.cuh"
+#include "support/common.hpp"
 #include "support/reference.hpp"
+#include "support/typed_cases.hpp"
 
 namespace bn = batchnorm;
 
 namespace {
-
-#define REQUIRE_GPU()                                                 \
-  do {                                                                \
-    if (!bn_test::gpu_available()) GTEST_SKIP() << "no CUDA device";  \
-  } while (0)
 
 /// What a call threw (type "none" when it returned).
 struct Outcome {
@@ -56,24 +53,15 @@ Outcome outcome_of(Fn&& fn) {
 
 // ---- memory of each backend ---------------------------------------------------------------
 
+/// A backend's memory for these tests: memory_policy plus reads of raw pointers and a stream.
 template <class Backend>
 struct Mem;
 
 template <>
-struct Mem<bn::cpu> {
-  template <class E>
-  using array = std::vector<E>;
-  template <class E>
-  static array<E> upload(const std::vector<E>& v) {
-    return v;
-  }
-  template <class E>
-  static std::vector<E> download(const array<E>& a) {
-    return a;
-  }
+struct Mem<bn::cpu> : bn_test::memory_policy<bn::cpu> {
   template <class E>
   static std::vector<E> read(const E* p, std::int64_t n) {
-    return std::vector<E>(p, p + n);
+    return bn_test::read(p, n);
   }
   struct Stream {
     bn::cpu::stream_type get() const { return {}; }
@@ -81,52 +69,15 @@ struct Mem<bn::cpu> {
 };
 
 template <>
-struct Mem<bn::cuda> {
-  template <class E>
-  using array = bn_test::device_array<E>;
-  template <class E>
-  static array<E> upload(const std::vector<E>& v) {
-    return array<E>(v);
-  }
-  template <class E>
-  static std::vector<E> download(const array<E>& a) {
-    BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-    return a.download();
-  }
+struct Mem<bn::cuda> : bn_test::memory_policy<bn::cuda> {
   template <class E>
   static std::vector<E> read(const E* p, std::int64_t n) {
-    BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<E> v(static_cast<std::size_t>(n));
-    if (n > 0) BN_TEST_CUDA_CHECK(cudaMemcpy(v.data(), p, v.size() * sizeof(E), cudaMemcpyDeviceToHost));
-    return v;
+    return bn_test::device_read(p, n);
   }
-  class Stream {
-   public:
-    Stream() { BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-    ~Stream() { (void)cudaStreamDestroy(s_); }
-    Stream(const Stream&) = delete;
-    Stream& operator=(const Stream&) = delete;
-    cudaStream_t get() const { return s_; }
-
-   private:
-    cudaStream_t s_ = nullptr;
-  };
+  using Stream = bn_test::Stream;
 };
 
-template <int D>
-bn::Shape shape_of(std::int64_t N, std::int64_t C, std::int64_t a, std::int64_t b, std::int64_t c,
-                   bn::Layout layout = bn::Layout::contiguous) {
-  if constexpr (D == 1) {
-    (void)b;
-    (void)c;
-    return bn::Shape({N, C, a}, layout);
-  } else if constexpr (D == 2) {
-    (void)c;
-    return bn::Shape({N, C, a, b}, layout);
-  } else {
-    return bn::Shape({N, C, a, b, c}, layout);
-  }
-}
+using bn_test::shape_of;
 
 /// How the layer of a scenario is prepared.
 struct Setup {
@@ -252,14 +203,6 @@ void same_error(const char* type, const char* argument, Scenario&& scenario, con
   EXPECT_EQ(g, c) << "cuda: " << g << "\ncpu:  " << c;
 }
 
-template <class T, int D>
-struct Case {
-  using value_type = T;
-  static constexpr int dims = D;
-};
-using Cases = ::testing::Types<Case<float, 1>, Case<float, 2>, Case<float, 3>, Case<double, 1>, Case<double, 2>,
-                               Case<double, 3>>;
-
 template <class C>
 class GpuErrors : public ::testing::Test {
  public:
@@ -269,7 +212,7 @@ class GpuErrors : public ::testing::Test {
 TYPED_TEST_SUITE(GpuErrors, Cases);
 
 TYPED_TEST(GpuErrors, WrongRank) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   for (bool training : {true, false}) {
@@ -285,7 +228,7 @@ TYPED_TEST(GpuErrors, WrongRank) {
 }
 
 TYPED_TEST(GpuErrors, ChannelCountAndPerActivationMismatch) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   for (auto layout : {bn::Layout::contiguous, bn::Layout::channels_last}) {
@@ -305,7 +248,7 @@ TYPED_TEST(GpuErrors, ChannelCountAndPerActivationMismatch) {
 }
 
 TYPED_TEST(GpuErrors, OneValuePerChannelInTraining) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   const auto s = shape_of<D>(1, 4, 1, 1, 1);
@@ -320,7 +263,7 @@ TYPED_TEST(GpuErrors, OneValuePerChannelInTraining) {
 }
 
 TYPED_TEST(GpuErrors, NullPointersAndOverlaps) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   same_error<T, D>("invalid_argument", "x", [](auto& e) { e.layer.forward(nullptr, e.data(e.y), e.good, e.stream.get()); });
@@ -357,7 +300,7 @@ TYPED_TEST(GpuErrors, NullPointersAndOverlaps) {
 }
 
 TYPED_TEST(GpuErrors, BackwardStateErrors) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   // After load_state there is nothing to differentiate.
@@ -381,7 +324,7 @@ TYPED_TEST(GpuErrors, BackwardStateErrors) {
 }
 
 TYPED_TEST(GpuErrors, LoadStateWrongSizesAndNegativeCount) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   using P = bn::param_t<T>;
   constexpr int D = TestFixture::D;
@@ -404,7 +347,7 @@ TYPED_TEST(GpuErrors, LoadStateWrongSizesAndNegativeCount) {
 }
 
 TYPED_TEST(GpuErrors, ConstructorErrorsAreTheCpuOnes) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   auto both = [](std::int64_t n, const bn::Options& o) {
@@ -425,7 +368,7 @@ TYPED_TEST(GpuErrors, ConstructorErrorsAreTheCpuOnes) {
 // ---- CUDA only ----------------------------------------------------------------------------
 
 TEST(GpuOnlyErrors, HostPointersAreRejectedBeforeAnyLaunch) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   Env<bn::cuda, float, 2> e;
   std::vector<float> host(static_cast<std::size_t>(e.good.numel()), 1.0f);
   const auto before = e.snap();
@@ -448,7 +391,7 @@ TEST(GpuOnlyErrors, HostPointersAreRejectedBeforeAnyLaunch) {
 }
 
 TEST(GpuOnlyErrors, FunctionalWorkspaceMissingOrTooSmall) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   const bn::Shape s({64, 8, 16, 16}, bn::Layout::channels_last);
   const auto n = static_cast<std::size_t>(s.numel());
   bn_test::device_array<float> x(bnref::cast<float>(bnref::normal(s.numel(), 1))), y(std::vector<float>(n, -1.f));
@@ -486,7 +429,7 @@ TEST(GpuOnlyErrors, FunctionalWorkspaceMissingOrTooSmall) {
 
 // The functional API's shared validation gives the CPU's errors, before any launch.
 TEST(GpuOnlyErrors, FunctionalValidationEqualsCpu) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   const bn::Shape s{3, 4, 5};
   const auto x = bnref::cast<float>(bnref::normal(s.numel(), 1));
   std::vector<float> yh(x.size(), -1.f), w(4, 1.f), b3(3, 0.f), rmh(4, 0.f), rvh(4, 1.f);

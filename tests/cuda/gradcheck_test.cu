@@ -156,18 +156,7 @@ template <class P>
                                        << first.str();
 }
 
-class Stream {
- public:
-  Stream() { BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(s_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return s_; }
-  void sync() const { BN_TEST_CUDA_CHECK(cudaStreamSynchronize(s_)); }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
+using bn_test::Stream;
 
 template <class T, int Dims>
 void compare(const GpuCase& c) {

@@ -256,19 +256,7 @@ double dx_terms(const std::vector<T>& dy, const P* invstd, const std::vector<P>&
 
 // ---- device helpers ------------------------------------------------------------------------
 
-/// A non-blocking stream, so that work put on the legacy default stream by mistake races.
-class Stream {
- public:
-  Stream() { BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(s_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return s_; }
-  void sync() const { BN_TEST_CUDA_CHECK(cudaStreamSynchronize(s_)); }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
+using bn_test::Stream;  // non-blocking: work put on the legacy default stream by mistake races
 
 /// Waits for all device work. Also after every upload: cudaMemcpy from pageable memory may
 /// return before its DMA has landed (CUDA's documented synchronization behaviour), and the
@@ -290,12 +278,10 @@ std::vector<E> fetch(const device_array<E>& a) {
   return a.download();
 }
 
+/// Waits for the whole device, then copies @p n values at device pointer @p p back.
 template <class E>
 std::vector<E> fetch(const E* p, std::int64_t n) {
-  BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<E> v(static_cast<std::size_t>(n));
-  if (n > 0) BN_TEST_CUDA_CHECK(cudaMemcpy(v.data(), p, v.size() * sizeof(E), cudaMemcpyDeviceToHost));
-  return v;
+  return bn_test::device_read(p, n);
 }
 
 // ---- data ------------------------------------------------------------------------------------

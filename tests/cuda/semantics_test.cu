@@ -25,53 +25,17 @@
 #include <batchnorm/cuda.cuh>
 
 #include "support/device_memory.cuh"
+#include "support/common.hpp"
 #include "support/reference.hpp"
+#include "support/typed_cases.hpp"
 
 namespace bn = batchnorm;
 
 namespace {
 
-#define REQUIRE_GPU()                                                 \
-  do {                                                                \
-    if (!bn_test::gpu_available()) GTEST_SKIP() << "no CUDA device";  \
-  } while (0)
-
-/// A non-blocking stream, so that work put on the legacy default stream by mistake races.
-class Stream {
- public:
-  Stream() { BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(s_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return s_; }
-  void sync() const { BN_TEST_CUDA_CHECK(cudaStreamSynchronize(s_)); }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
-
-template <class E>
-std::vector<E> device_read(const E* p, std::int64_t n) {
-  BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<E> v(static_cast<std::size_t>(n));
-  if (n > 0) BN_TEST_CUDA_CHECK(cudaMemcpy(v.data(), p, v.size() * sizeof(E), cudaMemcpyDeviceToHost));
-  return v;
-}
-
-template <int D>
-bn::Shape shape_of(std::int64_t N, std::int64_t C, std::int64_t a, std::int64_t b, std::int64_t c,
-                   bn::Layout layout = bn::Layout::contiguous) {
-  if constexpr (D == 1) {
-    (void)b;
-    (void)c;
-    return bn::Shape({N, C, a}, layout);
-  } else if constexpr (D == 2) {
-    (void)c;
-    return bn::Shape({N, C, a, b}, layout);
-  } else {
-    return bn::Shape({N, C, a, b, c}, layout);
-  }
-}
+using bn_test::device_read;
+using bn_test::shape_of;
+using bn_test::Stream;
 
 template <class T>
 constexpr double rtol() {
@@ -170,30 +134,7 @@ struct Pair {
   }
 };
 
-template <class P>
-bn::State<P> random_state(std::int64_t F, std::uint64_t seed, const bn::Options& o = {}) {
-  bn::State<P> s;
-  const auto w = bnref::normal(F, seed, 1.0, 0.5), b = bnref::normal(F, seed + 1, 0.0, 0.5);
-  const auto m = bnref::normal(F, seed + 2, 0.5, 1.0), v = bnref::normal(F, seed + 3);
-  if (o.affine) {
-    s.weight = bnref::cast<P>(w);
-    s.bias = bnref::cast<P>(b);
-  }
-  if (o.track_running_stats) {
-    s.running_mean = bnref::cast<P>(m);
-    for (double e : v) s.running_var.push_back(static_cast<P>(0.5 + e * e));
-  }
-  s.num_batches_tracked = 7;
-  return s;
-}
-
-template <class T, int D>
-struct Case {
-  using value_type = T;
-  static constexpr int dims = D;
-};
-using Cases = ::testing::Types<Case<float, 1>, Case<float, 2>, Case<float, 3>, Case<double, 1>, Case<double, 2>,
-                               Case<double, 3>>;
+using bn_test::random_state;
 
 template <class C>
 class GpuSemantics : public ::testing::Test {
@@ -225,7 +166,7 @@ class GpuSemantics : public ::testing::Test {
 TYPED_TEST_SUITE(GpuSemantics, Cases);
 
 TYPED_TEST(GpuSemantics, CumulativeAverageIsMeanOfBatchStatistics) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   const auto s = shape_of<TestFixture::D>(3, 4, 5, 2, 3);
   bn::Options o;
@@ -252,7 +193,7 @@ TYPED_TEST(GpuSemantics, CumulativeAverageIsMeanOfBatchStatistics) {
 }
 
 TYPED_TEST(GpuSemantics, AffineIdentityEqualsAffineOff) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   constexpr int D = TestFixture::D;
   for (auto layout : {bn::Layout::contiguous, bn::Layout::channels_last}) {
@@ -271,7 +212,7 @@ TYPED_TEST(GpuSemantics, AffineIdentityEqualsAffineOff) {
 }
 
 TYPED_TEST(GpuSemantics, RepeatedEvalCallsAreIdentical) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   const auto s = shape_of<TestFixture::D>(2, 5, 3, 3, 2);
   Pair<T, TestFixture::D> p(5);
@@ -289,7 +230,7 @@ TYPED_TEST(GpuSemantics, RepeatedEvalCallsAreIdentical) {
 }
 
 TYPED_TEST(GpuSemantics, TrackingOffGivesSameOutputInTrainAndEval) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   const auto s = shape_of<TestFixture::D>(3, 4, 2, 3, 3);
   bn::Options o;
@@ -307,7 +248,7 @@ TYPED_TEST(GpuSemantics, TrackingOffGivesSameOutputInTrainAndEval) {
 }
 
 TYPED_TEST(GpuSemantics, ConstantChannelGivesExactlyBias) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   using P = typename TestFixture::P;
   for (auto layout : {bn::Layout::contiguous, bn::Layout::channels_last}) {
@@ -339,7 +280,7 @@ TYPED_TEST(GpuSemantics, ConstantChannelGivesExactlyBias) {
 // mean cannot meet it: a host simulation of a sequential float Welford over these 280 values per
 // channel gives mean errors up to 6e-3 and y errors up to 6e-3 relative. Not yet run on a GPU.
 TYPED_TEST(GpuSemantics, LargeOffsetMatchesDoubleReference) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   const auto s = shape_of<TestFixture::D>(8, 3, 7, 5, 3);
   Pair<T, TestFixture::D> p(3);
@@ -353,7 +294,7 @@ TYPED_TEST(GpuSemantics, LargeOffsetMatchesDoubleReference) {
 }
 
 TYPED_TEST(GpuSemantics, OneChannelAndManyChannels) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   constexpr int D = TestFixture::D;
   TestFixture::compare(shape_of<D>(7, 1, 3, 2, 2), {}, 2, 200);
   TestFixture::compare(shape_of<D>(3, 2047, 2, 1, 1), {}, 2, 300);
@@ -363,7 +304,7 @@ TYPED_TEST(GpuSemantics, OneChannelAndManyChannels) {
 }
 
 TYPED_TEST(GpuSemantics, OddPrimeSizesInBothLayoutsAndModes) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   constexpr int D = TestFixture::D;
   for (auto layout : {bn::Layout::contiguous, bn::Layout::channels_last}) {
     for (auto mode : {bn::Mode::per_channel, bn::Mode::per_activation}) {
@@ -377,7 +318,7 @@ TYPED_TEST(GpuSemantics, OddPrimeSizesInBothLayoutsAndModes) {
 }
 
 TYPED_TEST(GpuSemantics, OptionCombinations) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   constexpr int D = TestFixture::D;
   std::uint64_t seed = 1000;
   for (std::optional<double> momentum :
@@ -396,7 +337,7 @@ TYPED_TEST(GpuSemantics, OptionCombinations) {
 }
 
 TYPED_TEST(GpuSemantics, InPlaceEqualsOutOfPlace) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   for (auto layout : {bn::Layout::contiguous, bn::Layout::channels_last}) {
     const auto s = shape_of<TestFixture::D>(3, 4, 5, 2, 2, layout);
@@ -416,7 +357,7 @@ TYPED_TEST(GpuSemantics, InPlaceEqualsOutOfPlace) {
 }
 
 TYPED_TEST(GpuSemantics, EmptyBatch) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   using P = typename TestFixture::P;
   const auto empty = shape_of<TestFixture::D>(0, 3, 4, 2, 2);
@@ -450,7 +391,7 @@ TYPED_TEST(GpuSemantics, EmptyBatch) {
 }
 
 TYPED_TEST(GpuSemantics, EvalAllowsOneValuePerChannel) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   using P = typename TestFixture::P;
   const auto s = shape_of<TestFixture::D>(1, 6, 1, 1, 1);
@@ -462,7 +403,7 @@ TYPED_TEST(GpuSemantics, EvalAllowsOneValuePerChannel) {
 }
 
 TYPED_TEST(GpuSemantics, NewLayerDefaultsAndLoadStateRoundTrip) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   using P = typename TestFixture::P;
   bn::BatchNorm<T, TestFixture::D, bn::cuda> layer(5);
@@ -492,7 +433,7 @@ TYPED_TEST(GpuSemantics, NewLayerDefaultsAndLoadStateRoundTrip) {
 }
 
 TYPED_TEST(GpuSemantics, PerActivationEqualsBatchNorm1dOnFlattenedInput) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   using T = typename TestFixture::T;
   using P = typename TestFixture::P;
   const auto shape = shape_of<TestFixture::D>(6, 3, 2, 3, 2);  // contiguous: same memory as (N, C·S)
@@ -520,7 +461,7 @@ TYPED_TEST(GpuSemantics, PerActivationEqualsBatchNorm1dOnFlattenedInput) {
 
 // Options::skip_nonfinite_updates on the GPU: the counter lives on the device.
 TEST(GpuNumerics, SkipNonfiniteUpdates) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   const bn::Shape s{4, 3, 2, 3};
   bn::Options o;
   o.skip_nonfinite_updates = true;
@@ -545,7 +486,7 @@ struct StreamTrace {
 };
 
 TEST(GpuConcurrency, TwoInstancesOnTwoStreamsEqualSequential) {
-  REQUIRE_GPU();
+  BN_TEST_REQUIRE_GPU();
   // Big enough that kernels of the two streams overlap on the device.
   const bn::Shape sa({32, 16, 32, 32}, bn::Layout::contiguous);
   const bn::Shape sb({48, 24, 16, 16}, bn::Layout::channels_last);

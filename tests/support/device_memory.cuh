@@ -1,8 +1,9 @@
 /**
  * @file support/device_memory.cuh
- * @brief Test-side CUDA helpers (nvcc): gpu_available(), a tiny RAII device array with
- *        checked copies, and the `memory_policy<batchnorm::cuda>` that lets
- *        support/fixture_runner.hpp replay fixtures on the CUDA backend.
+ * @brief Test-side CUDA helpers (nvcc): gpu_available() / BN_TEST_REQUIRE_GPU(), a tiny RAII
+ *        device array with checked copies, a non-blocking Stream, device_read(), and the
+ *        `memory_policy<batchnorm::cuda>` that lets support/fixture_runner.hpp replay
+ *        fixtures on the CUDA backend.
  *
  * Deliberately independent of the library's own device buffers, so that a bug there cannot
  * hide itself in the tests.
@@ -12,12 +13,15 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <batchnorm/types.hpp>
+
+#include "support/memory_policy.hpp"
 
 /// Throws std::runtime_error naming the call, file:line and the CUDA error.
 #define BN_TEST_CUDA_CHECK(expression)                                                                   \
@@ -27,6 +31,12 @@
       throw std::runtime_error(std::string(__FILE__) + ":" + std::to_string(__LINE__) + ": " #expression \
                                " failed: " + cudaGetErrorName(bn_test_status_) + ": " +                  \
                                cudaGetErrorString(bn_test_status_));                                     \
+  } while (0)
+
+/// In a test body: skips the test when no CUDA device is usable.
+#define BN_TEST_REQUIRE_GPU()                                          \
+  do {                                                                 \
+    if (!bn_test::gpu_available()) GTEST_SKIP() << "no CUDA device";  \
   } while (0)
 
 namespace bn_test {
@@ -99,10 +109,31 @@ class device_array {
   std::size_t size_ = 0;
 };
 
-template <class Backend>
-struct memory_policy;  // primary template also declared in support/fixture_runner.hpp
+/// A non-blocking stream, so that work put on the legacy default stream by mistake races.
+class Stream {
+ public:
+  Stream() { BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { (void)cudaStreamDestroy(s_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+  void sync() const { BN_TEST_CUDA_CHECK(cudaStreamSynchronize(s_)); }
 
-/// Device memory for `batchnorm::cuda` (see memory_policy<batchnorm::cpu> in fixture_runner.hpp).
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+/// Waits for the whole device (every stream), then copies @p n values at device pointer @p p
+/// to the host.
+template <class E>
+std::vector<E> device_read(const E* p, std::int64_t n) {
+  BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<E> v(static_cast<std::size_t>(n));
+  if (n > 0) BN_TEST_CUDA_CHECK(cudaMemcpy(v.data(), p, v.size() * sizeof(E), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+/// Device memory for `batchnorm::cuda` (see memory_policy<batchnorm::cpu> in memory_policy.hpp).
 template <>
 struct memory_policy<batchnorm::cuda> {
   template <class T>

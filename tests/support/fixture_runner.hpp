@@ -44,6 +44,7 @@
 #include <batchnorm/batchnorm.hpp>
 
 #include "support/fixture.hpp"
+#include "support/memory_policy.hpp"
 
 namespace bn_test {
 
@@ -111,29 +112,6 @@ template <class G, class W>
                                        << " * |expected|; worst at [" << worst << "] (diff/bound " << worst_ratio
                                        << ")" << first.str();
 }
-
-/// Memory of a backend as the runner needs it (specialized per backend).
-template <class Backend>
-struct memory_policy;
-
-/// Host memory for `batchnorm::cpu`.
-template <>
-struct memory_policy<batchnorm::cpu> {
-  template <class T>
-  using array = std::vector<T>;
-  template <class T>
-  static array<T> upload(const std::vector<T>& host) {
-    return host;
-  }
-  template <class T>
-  static std::vector<T> download(const array<T>& a) {
-    return a;
-  }
-  template <class T>
-  static T* data(array<T>& a) {
-    return a.data();
-  }
-};
 
 /// (N, C, S) contiguous -> (N, S, C) channels_last, for extents @p e (rank 2: unchanged).
 template <class T>
