@@ -48,11 +48,7 @@ std::int64_t numel_of(const std::vector<std::int64_t>& e) {
   return std::accumulate(e.begin(), e.end(), std::int64_t{1}, std::multiplies<>());
 }
 
-std::int64_t spatial_of(const std::vector<std::int64_t>& e) {
-  std::int64_t s = 1;
-  for (std::size_t d = 2; d < e.size(); ++d) s *= e[d];
-  return s;
-}
+using bn_test::spatial_of;
 
 std::int64_t features_of(const GradCase& c) {
   return c.mode == Mode::per_channel ? c.shape[1] : c.shape[1] * spatial_of(c.shape);

@@ -17,39 +17,15 @@
 #include <string>
 #include <vector>
 
+#include "support/common.hpp"
+
 namespace bn = batchnorm;
 
 namespace {
 
-bn::Shape make_shape(const std::vector<std::int64_t>& e, bn::Layout layout) {
-  switch (e.size()) {
-    case 2: return bn::Shape({e[0], e[1]}, layout);
-    case 3: return bn::Shape({e[0], e[1], e[2]}, layout);
-    case 4: return bn::Shape({e[0], e[1], e[2], e[3]}, layout);
-    default: return bn::Shape({e[0], e[1], e[2], e[3], e[4]}, layout);
-  }
-}
-
-/// NC(spatial) → N(spatial)C.
-template <class T>
-std::vector<T> to_channels_last(const std::vector<T>& x, std::int64_t n, std::int64_t c, std::int64_t s) {
-  std::vector<T> out(x.size());
-  for (std::int64_t a = 0; a < n; ++a)
-    for (std::int64_t b = 0; b < c; ++b)
-      for (std::int64_t k = 0; k < s; ++k)
-        out[static_cast<std::size_t>((a * s + k) * c + b)] = x[static_cast<std::size_t>((a * c + b) * s + k)];
-  return out;
-}
-
-template <class T>
-std::vector<T> from_channels_last(const std::vector<T>& x, std::int64_t n, std::int64_t c, std::int64_t s) {
-  std::vector<T> out(x.size());
-  for (std::int64_t a = 0; a < n; ++a)
-    for (std::int64_t b = 0; b < c; ++b)
-      for (std::int64_t k = 0; k < s; ++k)
-        out[static_cast<std::size_t>((a * c + b) * s + k)] = x[static_cast<std::size_t>((a * s + k) * c + b)];
-  return out;
-}
+using bn_test::from_channels_last;
+using bn_test::make_shape;
+using bn_test::to_channels_last;
 
 template <class T>
 double rel_tol() {

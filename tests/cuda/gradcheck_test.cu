@@ -111,11 +111,7 @@ std::vector<GpuCase> gpu_cases() {
   return v;
 }
 
-std::int64_t spatial_of(const std::vector<std::int64_t>& e) {
-  std::int64_t s = 1;
-  for (std::size_t d = 2; d < e.size(); ++d) s *= e[d];
-  return s;
-}
+using bn_test::spatial_of;
 
 template <class T>
 struct gpu_tolerance;

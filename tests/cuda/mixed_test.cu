@@ -68,6 +68,7 @@
 #include <batchnorm/cuda.cuh>
 #include <batchnorm/half.hpp>
 
+#include "support/common.hpp"
 #include "support/device_memory.cuh"
 #include "support/reference.hpp"
 
@@ -286,45 +287,14 @@ std::vector<E> fetch(const E* p, std::int64_t n) {
 
 // ---- data ------------------------------------------------------------------------------------
 
-bn::Shape make_shape(const std::vector<std::int64_t>& e, bn::Layout layout = bn::Layout::contiguous) {
-  switch (e.size()) {
-    case 2: return bn::Shape({e[0], e[1]}, layout);
-    case 3: return bn::Shape({e[0], e[1], e[2]}, layout);
-    case 4: return bn::Shape({e[0], e[1], e[2], e[3]}, layout);
-    default: return bn::Shape({e[0], e[1], e[2], e[3], e[4]}, layout);
-  }
-}
+using bn_test::from_channels_last;
+using bn_test::make_shape;
+using bn_test::to_channels_last;
 
 std::string describe(const bn::Shape& s, bn::Mode mode) {
   std::ostringstream os;
   os << s << (mode == bn::Mode::per_channel ? " per_channel" : " per_activation");
   return os.str();
-}
-
-/// NC(spatial) → N(spatial)C.
-template <class E>
-std::vector<E> to_channels_last(const std::vector<E>& x, const bn::Shape& s) {
-  if (x.empty()) return {};
-  const std::int64_t n = s.batch(), c = s.channels(), sp = s.spatial();
-  std::vector<E> out(x.size());
-  for (std::int64_t a = 0; a < n; ++a)
-    for (std::int64_t b = 0; b < c; ++b)
-      for (std::int64_t k = 0; k < sp; ++k)
-        out[static_cast<std::size_t>((a * sp + k) * c + b)] = x[static_cast<std::size_t>((a * c + b) * sp + k)];
-  return out;
-}
-
-/// N(spatial)C → NC(spatial).
-template <class E>
-std::vector<E> from_channels_last(const std::vector<E>& x, const bn::Shape& s) {
-  if (x.empty()) return {};
-  const std::int64_t n = s.batch(), c = s.channels(), sp = s.spatial();
-  std::vector<E> out(x.size());
-  for (std::int64_t a = 0; a < n; ++a)
-    for (std::int64_t b = 0; b < c; ++b)
-      for (std::int64_t k = 0; k < sp; ++k)
-        out[static_cast<std::size_t>((a * c + b) * sp + k)] = x[static_cast<std::size_t>((a * sp + k) * c + b)];
-  return out;
 }
 
 /// Values in the memory order of @p s: channel c is offset[c] + scale[c]·N(0, 1), rounded to T.

@@ -1,7 +1,8 @@
 /**
  * @file tests/support/common.hpp
- * @brief Small host-side helpers shared by the tests (CPU and CUDA): shapes by class rank,
- *        host copies of parameter arrays, random states to load. No CUDA headers.
+ * @brief Small host-side helpers shared by the tests (CPU and CUDA): shapes by class rank or
+ *        from extents, NC(spatial) <-> N(spatial)C permutations, host copies of parameter
+ *        arrays, random states to load. No CUDA headers.
  */
 #pragma once
 
@@ -10,6 +11,8 @@
 #include <batchnorm/state.hpp>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "support/reference.hpp"
@@ -30,6 +33,73 @@ batchnorm::Shape shape_of(std::int64_t N, std::int64_t C, std::int64_t a, std::i
   } else {
     return batchnorm::Shape({N, C, a, b, c}, layout);
   }
+}
+
+/// A batchnorm::Shape from a list of 2 to 5 extents.
+inline batchnorm::Shape make_shape(const std::vector<std::int64_t>& e,
+                                   batchnorm::Layout layout = batchnorm::Layout::contiguous) {
+  switch (e.size()) {
+    case 2: return batchnorm::Shape({e[0], e[1]}, layout);
+    case 3: return batchnorm::Shape({e[0], e[1], e[2]}, layout);
+    case 4: return batchnorm::Shape({e[0], e[1], e[2], e[3]}, layout);
+    case 5: return batchnorm::Shape({e[0], e[1], e[2], e[3], e[4]}, layout);
+    default: throw std::invalid_argument("make_shape: expected 2 to 5 extents, got " + std::to_string(e.size()));
+  }
+}
+
+/// NC(spatial) -> N(spatial)C for @p n batches, @p c channels, @p s spatial positions.
+template <class T>
+std::vector<T> to_channels_last(const std::vector<T>& x, std::int64_t n, std::int64_t c, std::int64_t s) {
+  std::vector<T> out(x.size());
+  for (std::int64_t a = 0; a < n; ++a)
+    for (std::int64_t b = 0; b < c; ++b)
+      for (std::int64_t k = 0; k < s; ++k)
+        out[static_cast<std::size_t>((a * s + k) * c + b)] = x[static_cast<std::size_t>((a * c + b) * s + k)];
+  return out;
+}
+
+/// N(spatial)C -> NC(spatial): inverse of to_channels_last.
+template <class T>
+std::vector<T> from_channels_last(const std::vector<T>& x, std::int64_t n, std::int64_t c, std::int64_t s) {
+  std::vector<T> out(x.size());
+  for (std::int64_t a = 0; a < n; ++a)
+    for (std::int64_t b = 0; b < c; ++b)
+      for (std::int64_t k = 0; k < s; ++k)
+        out[static_cast<std::size_t>((a * c + b) * s + k)] = x[static_cast<std::size_t>((a * s + k) * c + b)];
+  return out;
+}
+
+/// Product of the extents after the first two (1 for rank 2).
+inline std::int64_t spatial_of(const std::vector<std::int64_t>& e) {
+  std::int64_t s = 1;
+  for (std::size_t d = 2; d < e.size(); ++d) s *= e[d];
+  return s;
+}
+
+/// (N, C, S) contiguous -> (N, S, C) channels_last, for extents @p e (rank 2: unchanged).
+template <class T>
+std::vector<T> to_channels_last(const std::vector<T>& v, const std::vector<std::int64_t>& e) {
+  return to_channels_last(v, e[0], e[1], spatial_of(e));
+}
+
+/// Inverse of to_channels_last(v, e).
+template <class T>
+std::vector<T> from_channels_last(const std::vector<T>& v, const std::vector<std::int64_t>& e) {
+  return from_channels_last(v, e[0], e[1], spatial_of(e));
+}
+
+/// NC(spatial) -> N(spatial)C for the extents of @p s (its layout is not looked at); empty stays empty.
+template <class T>
+std::vector<T> to_channels_last(const std::vector<T>& x, const batchnorm::Shape& s) {
+  if (x.empty()) return {};
+  return to_channels_last(x, s.batch(), s.channels(), s.spatial());
+}
+
+/// N(spatial)C -> NC(spatial) for the extents of @p s; empty stays empty.
+template <class T>
+std::vector<T> from_channels_last(const std::vector<T>& x, const batchnorm::Shape& s) {
+  if (x.empty()) return {};
+  return from_channels_last(x, s.batch(), s.channels(), s.spatial());
 }
 
 /// Copy of @p n host values at @p p.

@@ -23,6 +23,8 @@
 #include <batchnorm/batchnorm.hpp>
 #include <nlohmann/json.hpp>
 
+#include "support/common.hpp"
+
 namespace bn_test {
 
 using Values = std::vector<double>;
@@ -209,18 +211,6 @@ inline std::vector<std::string> list_fixture_files(const std::string& dir
     if (entry.is_regular_file() && entry.path().extension() == ".json") files.push_back(entry.path().string());
   std::sort(files.begin(), files.end());
   return files;
-}
-
-/// A batchnorm::Shape from a list of 2 to 5 extents.
-inline batchnorm::Shape make_shape(const std::vector<std::int64_t>& e,
-                                   batchnorm::Layout layout = batchnorm::Layout::contiguous) {
-  switch (e.size()) {
-    case 2: return batchnorm::Shape({e[0], e[1]}, layout);
-    case 3: return batchnorm::Shape({e[0], e[1], e[2]}, layout);
-    case 4: return batchnorm::Shape({e[0], e[1], e[2], e[3]}, layout);
-    case 5: return batchnorm::Shape({e[0], e[1], e[2], e[3], e[4]}, layout);
-    default: throw std::invalid_argument("make_shape: expected 2 to 5 extents, got " + std::to_string(e.size()));
-  }
 }
 
 /// GoogleTest-friendly identifier: every character other than [A-Za-z0-9] becomes '_'.

@@ -113,34 +113,6 @@ template <class G, class W>
                                        << ")" << first.str();
 }
 
-/// (N, C, S) contiguous -> (N, S, C) channels_last, for extents @p e (rank 2: unchanged).
-template <class T>
-std::vector<T> to_channels_last(const std::vector<T>& v, const std::vector<std::int64_t>& e) {
-  std::int64_t S = 1;
-  for (std::size_t d = 2; d < e.size(); ++d) S *= e[d];
-  const std::int64_t N = e[0], C = e[1];
-  std::vector<T> r(v.size());
-  for (std::int64_t n = 0; n < N; ++n)
-    for (std::int64_t c = 0; c < C; ++c)
-      for (std::int64_t s = 0; s < S; ++s) r[static_cast<std::size_t>((n * S + s) * C + c)] =
-          v[static_cast<std::size_t>((n * C + c) * S + s)];
-  return r;
-}
-
-/// Inverse of to_channels_last.
-template <class T>
-std::vector<T> from_channels_last(const std::vector<T>& v, const std::vector<std::int64_t>& e) {
-  std::int64_t S = 1;
-  for (std::size_t d = 2; d < e.size(); ++d) S *= e[d];
-  const std::int64_t N = e[0], C = e[1];
-  std::vector<T> r(v.size());
-  for (std::int64_t n = 0; n < N; ++n)
-    for (std::int64_t c = 0; c < C; ++c)
-      for (std::int64_t s = 0; s < S; ++s) r[static_cast<std::size_t>((n * C + c) * S + s)] =
-          v[static_cast<std::size_t>((n * S + s) * C + c)];
-  return r;
-}
-
 template <class T>
 std::vector<T> cast_values(const Values& v) {
   std::vector<T> r(v.size());
