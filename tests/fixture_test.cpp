@@ -16,12 +16,7 @@ using bn_test::FixtureParam;
 class CpuFixture : public ::testing::TestWithParam<FixtureParam> {};
 
 TEST_P(CpuFixture, MatchesPyTorch) {
-  const FixtureParam& p = GetParam();
-  const bn_test::FixtureCase fc = bn_test::load_fixture(p.file);
-  bn_test::RunConfig rc;
-  rc.layout = p.layout;
-  rc.in_place = p.in_place;
-  bn_test::run_fixture<batchnorm::cpu>(fc, rc);
+  bn_test::run_fixture_param<batchnorm::cpu>(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(PyTorch, CpuFixture, ::testing::ValuesIn(bn_test::fixture_params()),

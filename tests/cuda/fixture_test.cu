@@ -18,12 +18,7 @@ class CudaFixture : public ::testing::TestWithParam<FixtureParam> {};
 
 TEST_P(CudaFixture, MatchesPyTorch) {
   if (!gpu_available()) GTEST_SKIP() << "no CUDA device";
-  const FixtureParam& p = GetParam();
-  const bn_test::FixtureCase fc = bn_test::load_fixture(p.file);
-  bn_test::RunConfig rc;
-  rc.layout = p.layout;
-  rc.in_place = p.in_place;
-  bn_test::run_fixture<batchnorm::cuda>(fc, rc);
+  bn_test::run_fixture_param<batchnorm::cuda>(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(PyTorch, CudaFixture, ::testing::ValuesIn(bn_test::fixture_params()),

@@ -252,6 +252,16 @@ struct FixtureParam {
   bool in_place = false;
 };
 
+/// Replays the fixture of @p p on @p Backend in p's memory order, in place or not.
+template <class Backend>
+void run_fixture_param(const FixtureParam& p) {
+  const FixtureCase fc = load_fixture(p.file);
+  RunConfig rc;
+  rc.layout = p.layout;
+  rc.in_place = p.in_place;
+  run_fixture<Backend>(fc, rc);
+}
+
 /// How GoogleTest prints a parameter (instead of its bytes).
 inline void PrintTo(const FixtureParam& p, std::ostream* os) {
   *os << stem(p.file) << (p.layout == batchnorm::Layout::channels_last ? " channels_last" : " contiguous")
