@@ -1,8 +1,8 @@
 /**
  * @file detail/cpu/functional.inl
- * @brief The CPU reference: plain loops in memory order, accumulating in double with
- *        Welford's update per feature. Every formula comes from detail/moments.hpp, shared
- *        with the CUDA kernels.
+ * @brief The CPU reference: plain loops in memory order, accumulating in double (two passes
+ *        per feature: the mean of x − pivot, then M2 about the mean). Every other formula
+ *        comes from detail/moments.hpp, shared with the CUDA kernels.
  */
 #pragma once
 
@@ -63,14 +63,28 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
   std::vector<double> var(static_cast<std::size_t>(features));  // biased (used to normalize)
   std::vector<detail::Affine<double>> affine(static_cast<std::size_t>(features));
   if (c.batch_statistics) {
-    // Welford in double: exact for a constant feature (mean stays the constant, M2 stays 0),
-    // and the same update the CUDA kernels make.
-    std::vector<detail::Welford<double>> moments(static_cast<std::size_t>(features));
-    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) { moments[f].push(conv::to_double(a.x[i])); });
+    // Two passes in double over x − pivot (the feature's first value, as on the GPU): the
+    // mean, then M2 about it. Exact for a constant feature (every term is 0), accurate at any
+    // offset, and no division per element.
+    const std::int64_t n = reduction_count(shape, c.mode);
+    std::vector<double> pivot(static_cast<std::size_t>(features));
+    const Shape first({1, shape.channels(), shape.spatial()}, shape.layout());
+    for_each_element(first, c.mode, [&](std::int64_t i, std::int64_t f) {
+      const double v = conv::to_double(a.x[i]);
+      pivot[f] = std::isfinite(v) ? v : 0.0;  // sample 0 holds one value of every feature; a
+                                               // non-finite pivot would turn every term into NaN
+    });
+    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) { mean[f] += conv::to_double(a.x[i]) - pivot[f]; });
+    for (std::int64_t f = 0; f < features; ++f) mean[f] = pivot[f] + mean[f] / static_cast<double>(n);
+    std::vector<double> m2(static_cast<std::size_t>(features), 0.0);
+    for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {
+      const double d = conv::to_double(a.x[i]) - mean[f];
+      m2[f] += d * d;
+    });
     std::vector<detail::FeatureStats<double>> stats(static_cast<std::size_t>(features));
     bool all_finite = true;
     for (std::int64_t f = 0; f < features; ++f) {
-      stats[f] = detail::finalize(moments[f]);
+      stats[f] = detail::finalize(detail::Welford<double>{mean[f], m2[f], n});
       mean[f] = stats[f].mean;
       var[f] = stats[f].biased_var;
       all_finite = all_finite && detail::is_finite(stats[f]);
