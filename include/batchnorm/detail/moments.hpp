@@ -254,4 +254,11 @@ BN_HOST_DEVICE BackwardCoefficients<Acc> backward_coefficients(const BackwardSum
   return {shift, dy_scale, -proj * dy_scale, -sums.dy * inv_n * dy_scale, dy_xmu * invstd, sums.dy};
 }
 
+/// Writes a parameter gradient, or adds it (PyTorch's `.grad` accumulation); null: not wanted.
+template <class P, class Acc>
+BN_HOST_DEVICE void store_gradient(P* gradient, Acc value, bool accumulate) {
+  if (gradient == nullptr) return;
+  *gradient = static_cast<P>(accumulate ? static_cast<Acc>(*gradient) + value : value);
+}
+
 }  // namespace batchnorm::detail

@@ -153,10 +153,8 @@ void backward(cpu, const Shape& shape, const BackwardArgs<T>& a, const BackwardC
   for (std::int64_t f = 0; f < features; ++f) {
     k[f] = detail::backward_coefficients(sums[f], static_cast<double>(a.invstd[f]), value_or(a.weight, f, 1.0), n,
                                          c.batch_statistics);
-    const double base_w = c.accumulate && a.grad_weight.data ? static_cast<double>(a.grad_weight[f]) : 0.0;
-    const double base_b = c.accumulate && a.grad_bias.data ? static_cast<double>(a.grad_bias[f]) : 0.0;
-    if (a.grad_weight.data) a.grad_weight[f] = static_cast<P>(base_w + k[f].grad_weight);
-    if (a.grad_bias.data) a.grad_bias[f] = static_cast<P>(base_b + k[f].grad_bias);
+    detail::store_gradient(a.grad_weight.data ? a.grad_weight.data + f : nullptr, k[f].grad_weight, c.accumulate);
+    detail::store_gradient(a.grad_bias.data ? a.grad_bias.data + f : nullptr, k[f].grad_bias, c.accumulate);
   }
   if (a.dx == nullptr && a.dresidual == nullptr) return;
   for_each_element(shape, c.mode, [&](std::int64_t i, std::int64_t f) {

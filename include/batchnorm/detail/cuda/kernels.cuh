@@ -275,14 +275,8 @@ BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
   const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
   const BackwardCoefficients<Acc> k =
       backward_coefficients(sums, static_cast<Acc>(a.invstd[p]), w, a.n, a.batch_statistics);
-  if (a.grad_weight) {
-    const Acc base = a.accumulate ? static_cast<Acc>(a.grad_weight[p]) : Acc(0);
-    a.grad_weight[p] = static_cast<P>(base + k.grad_weight);
-  }
-  if (a.grad_bias) {
-    const Acc base = a.accumulate ? static_cast<Acc>(a.grad_bias[p]) : Acc(0);
-    a.grad_bias[p] = static_cast<P>(base + k.grad_bias);
-  }
+  store_gradient(a.grad_weight ? a.grad_weight + p : nullptr, k.grad_weight, a.accumulate);
+  store_gradient(a.grad_bias ? a.grad_bias + p : nullptr, k.grad_bias, a.accumulate);
   if (coefficients)
     coefficients[column] = {static_cast<Acc>(a.mean[p]), k.mean_shift, k.dy_scale, k.xmu_scale, k.constant};
 }
