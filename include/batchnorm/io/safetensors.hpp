@@ -43,6 +43,15 @@
  */
 #pragma once
 
+// One clear error instead of errors deep inside the parser. The include of a file that does
+// not exist after the #error is fatal: compilation stops there.
+#if defined(__has_include)
+#if !__has_include(<nlohmann/json.hpp>)
+#error "batchnorm/io/safetensors.hpp needs nlohmann-json 3 (Debian: nlohmann-json3-dev); CMake: find_package(batchnorm CONFIG REQUIRED COMPONENTS safetensors) and link batchnorm::safetensors"
+#include "batchnorm/io/safetensors.hpp needs nlohmann-json"
+#endif
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
