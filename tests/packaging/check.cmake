@@ -131,6 +131,23 @@ elseif(CHECK STREQUAL "fetchcontent")
   require_file(${WORK_DIR}/fetch-prefix/share/cmake/batchnorm/batchnormConfig.cmake)
   message(STATUS "fetch: BATCHNORM_INSTALL=ON installs batchnorm with the consumer")
 
+elseif(CHECK STREQUAL "first_lines")
+  # The first lines a C++ user writes that cannot work stop with one error naming the fix.
+  # compile_snippet(<name> <regex the output must match>)
+  function(compile_snippet name regex)
+    run(fail ${name} ${CXX_COMPILER} -std=c++17 -I${SOURCE_DIR}/include -I/usr/local/cuda/include
+        -c ${CMAKE_CURRENT_LIST_DIR}/snippets/${name}.cpp -o ${WORK_DIR}/${name}.o)
+    require_output(${name} "${regex}")
+    string(REGEX MATCHALL "error:" errors "${last_output}")  # diagnostics, not echoed source lines
+    list(LENGTH errors count)
+    # The one error, plus at most the fatal "No such file" that stops the preprocessor.
+    if(count GREATER 2)
+      message(FATAL_ERROR "${name}: expected one error, got ${count}:\n${last_output}")
+    endif()
+  endfunction()
+  compile_snippet(default_backend_in_plain_cpp "in plain C\\+\\+ write BatchNorm2d<T, batchnorm::cpu>")
+  compile_snippet(cuda_header_in_plain_cpp "cuda.cuh is CUDA code: compile this file with nvcc")
+
 else()
   message(FATAL_ERROR "unknown CHECK '${CHECK}'")
 endif()
