@@ -20,10 +20,12 @@ install(DIRECTORY include/batchnorm DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(FILES LICENSE DESTINATION ${CMAKE_INSTALL_DOCDIR})
 install(EXPORT batchnormTargets NAMESPACE batchnorm:: DESTINATION ${BATCHNORM_INSTALL_CMAKEDIR})
 
-# Set by the CPU backend's CMake code when batchnorm links OpenMP::OpenMP_CXX, so that the
-# installed package finds OpenMP before it defines the targets.
-if(NOT DEFINED BATCHNORM_DEPENDS_OPENMP)
-  set(BATCHNORM_DEPENDS_OPENMP OFF)
+# When batchnorm links OpenMP (the CPU backend's threads), the installed package finds OpenMP
+# before it defines the targets (cmake/batchnormConfig.cmake.in).
+get_target_property(_bn_links batchnorm INTERFACE_LINK_LIBRARIES)
+set(BATCHNORM_DEPENDS_OPENMP OFF)
+if(_bn_links MATCHES "OpenMP::OpenMP_CXX")
+  set(BATCHNORM_DEPENDS_OPENMP ON)
 endif()
 
 # The generated files live in a folder of their own, so that pointing batchnorm_DIR at the

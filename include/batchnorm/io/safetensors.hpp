@@ -33,7 +33,8 @@
  * target, so an existing file is either kept or wholly replaced.
  *
  * Needs nlohmann-json (`#include <nlohmann/json.hpp>`, Debian nlohmann-json3-dev; CMake
- * `nlohmann_json::nlohmann_json`). The core headers do not include this one.
+ * target `batchnorm::safetensors`, from `find_package(batchnorm COMPONENTS safetensors)`).
+ * The core headers do not include this one.
  *
  * @code
  * batchnorm::BatchNorm2d<float, batchnorm::cpu> bn(64);
