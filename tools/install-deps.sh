@@ -7,11 +7,16 @@
 # needed by the tests (PyTorch fixtures are JSON) and by <batchnorm/io/safetensors.hpp>.
 # Usage: tools/install-deps.sh [extra Debian packages...]
 set -euo pipefail
-packages=(cmake ninja-build g++ libgtest-dev nlohmann-json3-dev "$@")
 missing=()
+# Tools count as present when they are on PATH, however they were installed.
+for tool in cmake:cmake ninja:ninja-build g++:g++; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+packages=(libgtest-dev nlohmann-json3-dev "$@")
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+packages=(cmake ninja-build g++ "${packages[@]}")
 if ((${#missing[@]} == 0)); then
   echo "install-deps: all present (${packages[*]})"
   exit 0
