@@ -8,7 +8,9 @@
 // shift. So we
 //   1. train: for a few steps, forward a fresh batch (training mode: batch statistics,
 //      running statistics updated), compute a mean squared error and its gradient on the
-//      host, call backward, and take a plain SGD step on weight and bias;
+//      host, call backward, and take a plain SGD step on weight and bias, in place on the
+//      layer's own buffers (weight_data() / grad_weight_data(): host memory for the CPU
+//      backend, device memory for CUDA, where a small kernel does it), as an optimizer does;
 //   2. evaluate: forward an unseen batch in eval mode, which normalizes with the running
 //      statistics gathered in training (here their cumulative average, momentum = nullopt);
 //   3. check ourselves: the same steps run on the CPU backend (batchnorm::cpu) and in a
@@ -172,6 +174,38 @@ class Array<batchnorm::cuda> {
 };
 #endif
 
+// ---- the optimizer step, on the layer's own buffers --------------------------------------
+
+/// param -= lr * grad over n elements of host memory.
+void sgd_update(batchnorm::cpu, float* param, const float* grad, std::int64_t n, double lr) {
+  for (std::int64_t i = 0; i < n; ++i) param[i] = static_cast<float>(param[i] - lr * grad[i]);
+}
+
+#ifdef __CUDACC__
+__global__ void sgd_kernel(float* param, const float* grad, std::int64_t n, double lr) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) param[i] = static_cast<float>(param[i] - lr * grad[i]);
+}
+
+/// The same on device memory, on the legacy default stream: ordered after the backward that
+/// wrote the gradients and before the next forward, which run on that stream too.
+void sgd_update(batchnorm::cuda, float* param, const float* grad, std::int64_t n, double lr) {
+  const auto blocks = static_cast<unsigned>((n + 255) / 256);
+  sgd_kernel<<<blocks, 256>>>(param, grad, n, lr);
+  cuda_check(cudaGetLastError(), "sgd_kernel");
+}
+#endif
+
+/// Plain SGD on weight and bias through the raw buffers: no copies, and the layer's saved
+/// statistics and running statistics stay as they are (unlike a state() / load_state()
+/// round trip). The gradients are those of the last backward (written, not accumulated,
+/// unless Options::accumulate_gradients is set).
+template <class Backend>
+void sgd_step(batchnorm::BatchNorm2d<float, Backend>& bn, double lr) {
+  sgd_update(Backend{}, bn.weight_data(), bn.grad_weight_data(), bn.num_features(), lr);
+  sgd_update(Backend{}, bn.bias_data(), bn.grad_bias_data(), bn.num_features(), lr);
+}
+
 // ---- the demo, written once for both backends ------------------------------------------
 
 template <class Backend>
@@ -195,17 +229,13 @@ Run train_and_eval(const Problem& problem, bool verbose) {
     dy.upload(dy_host);
     bn.backward(x.get(), dy.get(), dx.get(), shape);  // dx, grad_weight, grad_bias
 
-    // Plain SGD on the parameters, through host copies (works the same on both backends).
-    const batchnorm::Gradients<float> g = bn.gradients();
-    batchnorm::State<float> s = bn.state();
-    for (std::size_t c = 0; c < static_cast<std::size_t>(C); ++c) {
-      s.weight[c] = static_cast<float>(s.weight[c] - kLearningRate * g.grad_weight[c]);
-      s.bias[c] = static_cast<float>(s.bias[c] - kLearningRate * g.grad_bias[c]);
+    if (step == kTrainSteps - 1) {  // host copies of the last gradients, for the check
+      const batchnorm::Gradients<float> g = bn.gradients();
+      run.last_grad_weight = g.grad_weight;
+      run.last_grad_bias = g.grad_bias;
+      run.last_dx = dx.download();
     }
-    bn.load_state(s);
-    run.last_dx = dx.download();
-    run.last_grad_weight = g.grad_weight;
-    run.last_grad_bias = g.grad_bias;
+    sgd_step(bn, kLearningRate);  // weight -= lr * grad_weight, bias -= lr * grad_bias, in place
     if (verbose && (step < 3 || step == kTrainSteps - 1))
       std::printf("  train step %2d: loss %.6f\n", step + 1, static_cast<double>(run.losses.back()));
     else if (verbose && step == 3)

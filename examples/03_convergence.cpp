@@ -17,7 +17,8 @@
 // The split is fixed: 360 images for testing, 1437 for training, by a seeded shuffle.
 // Pixels are scaled from 0..16 to 0..1 and not otherwise standardized.
 //
-// Output, in the directory given by --out:
+// Output, in the directory given by --out (default: convergence/ next to the executable, in
+// the build tree, so that a run from the source tree leaves nothing there):
 //   convergence.csv  one row per (learning rate, network, epoch): the mean training loss of
 //                    the epoch's mini-batches, and loss and accuracy on the whole training
 //                    and test sets after the epoch (BN in eval mode, running statistics);
@@ -33,6 +34,10 @@
 //                            [--seed S] [--data digits.csv] [--quick]
 
 #include <batchnorm/batchnorm.hpp>
+
+#ifndef BATCHNORM_CONVERGENCE_OUT
+#define BATCHNORM_CONVERGENCE_OUT "convergence"  // CMake sets it to <build>/examples/convergence
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -66,7 +71,7 @@ constexpr int kTestCount = 360;
 // ---- configuration -------------------------------------------------------------------
 
 struct Config {
-  std::string out_dir = ".";
+  std::string out_dir = BATCHNORM_CONVERGENCE_OUT;
   std::string data = BATCHNORM_DIGITS_CSV;
   int epochs = 30;
   std::vector<double> learning_rates{0.01, 0.1, 0.5, 2.0};
@@ -78,7 +83,7 @@ struct Config {
 const char* const kUsage =
     "usage: example_convergence [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B]\n"
     "                           [--seed S] [--data digits.csv] [--quick]\n"
-    "  --out DIR     where convergence.csv and convergence.svg go (default: .)\n"
+    "  --out DIR     where convergence.csv and convergence.svg go (default: " BATCHNORM_CONVERGENCE_OUT ")\n"
     "  --epochs N    epochs per run (default 30; --quick: 5)\n"
     "  --lr LIST     learning rates, comma-separated (default 0.01,0.1,0.5,2; --quick: 0.1,2)\n"
     "  --batch B     mini-batch size (default 32)\n"

@@ -30,8 +30,13 @@ namespace batchnorm {
  * @tparam T       storage type of activations: float or double (half types with
  *                 <batchnorm/half.hpp>). Parameters and statistics use `param_t<T>`.
  * @tparam Dims    1, 2 or 3: accepts rank 2 or 3, rank 4, or rank 5 inputs.
- * @tparam Backend `batchnorm::cuda` (device memory, needs <batchnorm/cuda.cuh>) or
- *                 `batchnorm::cpu` (host memory).
+ * @tparam Backend `batchnorm::cuda` (the default: device memory, needs nvcc and
+ *                 <batchnorm/cuda.cuh>) or `batchnorm::cpu` (host memory, plain C++17).
+ *                 The default does not follow the compiler on purpose: a header that
+ *                 declares a `BatchNorm2d<float>` member must name the same type in the .cu
+ *                 and the .cpp files that include it (a compiler-dependent default would be a
+ *                 silent one-definition-rule violation). Plain C++ writes `batchnorm::cpu`;
+ *                 `BatchNorm2d<float>` there stops with one static_assert that says so.
  *
  * Training forward: normalize with the batch's mean and biased variance per feature, then
  * (when tracking) `running = (1 - m) * running + m * batch` with the unbiased variance and
@@ -283,7 +288,8 @@ class BatchNorm {
     const std::int64_t features = feature_count(shape, options_.mode);
     if (options_.mode == Mode::per_channel) {
       detail::require(features == num_features_, "shape", name(), ": expected C = ", num_features_,
-                      " channels (num_features), got ", features, " in input of shape ", shape);
+                      " channels (num_features), got ", features, " in input of shape ", shape,
+                      detail::channels_last_hint{shape, num_features_});
     } else {
       detail::require(features == num_features_, "shape", name(), ": expected C * spatial = ", num_features_,
                       " features (num_features, per_activation), got ", shape.channels(), " * ", shape.spatial(),

@@ -13,6 +13,13 @@
  */
 #pragma once
 
+// CUDA code (kernels, CUB): a plain C++ compiler would fail deep inside CUB's headers.
+// The include of a file that does not exist after the #error is fatal: compilation stops.
+#if !defined(__CUDACC__)
+#error "batchnorm/cuda.cuh is CUDA code: compile this file with nvcc (a .cu source; CMake: LANGUAGES CUDA). Plain C++ includes <batchnorm/batchnorm.hpp> and uses batchnorm::cpu"
+#include "batchnorm/cuda.cuh needs nvcc"
+#endif
+
 #include <cuda_runtime.h>
 
 #include <cstddef>

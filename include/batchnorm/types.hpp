@@ -22,7 +22,9 @@ struct cpu {
   struct stream_type {};
 };
 
-/// @brief Backend tag: device memory, CUDA kernels (include <batchnorm/cuda.cuh>).
+/// @brief Backend tag: device memory, CUDA kernels (compile with nvcc, include
+///        <batchnorm/cuda.cuh>). The default backend of the layer classes, in every
+///        compiler (see BatchNorm), so that `BatchNorm2d<float>` is one type in .cu and .cpp files.
 struct cuda {
   /// Identical to cudaStream_t; the default (null) stream is the legacy default stream.
   using stream_type = CUstream_st*;

@@ -14,19 +14,43 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../functional.hpp"
 
 namespace batchnorm::detail {
 
+/// Host memory with the buffer interface backends share.
+template <class E>
+class host_buffer;
+
+/**
+ * The primary template is reached only for a backend whose specialization is not visible:
+ * `cuda` in a translation unit that did not include <batchnorm/cuda.cuh> (most often plain
+ * C++ writing `BatchNorm2d<float>`, whose default backend is cuda), or an unknown tag. It
+ * stops with one static_assert that says what to write, and provides the members the layer
+ * classes use so that no further errors follow it.
+ */
 template <class Backend>
 struct backend_ops {
-  static_assert(sizeof(Backend) == 0,
-                "batchnorm: the CUDA backend needs #include <batchnorm/cuda.cuh> (compiled by nvcc)");
+  static_assert(!std::is_same_v<Backend, cuda>,
+                "batchnorm: this layer uses the CUDA backend (the default); in plain C++ write "
+                "BatchNorm2d<T, batchnorm::cpu> (1d/3d alike), or compile with nvcc and #include <batchnorm/cuda.cuh>");
+  static_assert(std::is_same_v<Backend, cuda>, "batchnorm: unknown backend; use batchnorm::cpu or batchnorm::cuda");
+  template <class E>
+  using buffer = host_buffer<E>;
+  struct workspace {};
+  template <class T>
+  static workspace make_workspace(std::int64_t) {
+    return {};
+  }
+  template <class T, class Stream>
+  static void forward(const Shape&, const ForwardArgs<T>&, const ForwardConfig&, workspace&, Stream) {}
+  template <class T, class Stream>
+  static void backward(const Shape&, const BackwardArgs<T>&, const BackwardConfig&, workspace&, Stream) {}
 };
 
-/// Host memory with the buffer interface backends share.
 template <class E>
 class host_buffer {
  public:

@@ -7,12 +7,35 @@
 
 #include <cmath>
 #include <cstdint>
+#include <ostream>
 #include <string>
 
 #include "../errors.hpp"
 #include "../args.hpp"
 
 namespace batchnorm::detail {
+
+/**
+ * Appended to a channel-count mismatch (streamed only when the message is built). When the
+ * last extent is the expected channel count, the extents were most likely given in the
+ * memory order of a channels-last tensor, (N, H, W, C); extents are (N, C, spatial...) in
+ * every layout, so the hint spells out the Shape to write.
+ */
+struct channels_last_hint {
+  const Shape& shape;
+  std::int64_t expected_channels;
+
+  friend std::ostream& operator<<(std::ostream& os, const channels_last_hint& h) {
+    const Shape& s = h.shape;
+    const int r = s.rank();
+    if (r < 3 || s[r - 1] != h.expected_channels || s.channels() == h.expected_channels) return os;
+    os << (s.layout() == Layout::contiguous ? "; did you mean Layout::channels_last? For an (N, H, W, C) tensor write "
+                                            : "; extents are (N, C, spatial...) in every layout: did you mean ")
+       << "Shape({" << s[0] << ", " << s[r - 1];
+    for (int d = 1; d < r - 1; ++d) os << ", " << s[d];
+    return os << "}, Layout::channels_last)" << (s.layout() == Layout::contiguous ? "" : "?");
+  }
+};
 
 inline void check_eps(double eps) {
   require(std::isfinite(eps) && eps > 0.0, "eps", "eps: expected a finite value > 0, got ", eps);

@@ -33,7 +33,8 @@
  * target, so an existing file is either kept or wholly replaced.
  *
  * Needs nlohmann-json (`#include <nlohmann/json.hpp>`, Debian nlohmann-json3-dev; CMake
- * `nlohmann_json::nlohmann_json`). The core headers do not include this one.
+ * target `batchnorm::safetensors`, from `find_package(batchnorm COMPONENTS safetensors)`).
+ * The core headers do not include this one.
  *
  * @code
  * batchnorm::BatchNorm2d<float, batchnorm::cpu> bn(64);
@@ -42,6 +43,15 @@
  * @endcode
  */
 #pragma once
+
+// One clear error instead of errors deep inside the parser. The include of a file that does
+// not exist after the #error is fatal: compilation stops there.
+#if defined(__has_include)
+#if !__has_include(<nlohmann/json.hpp>)
+#error "batchnorm/io/safetensors.hpp needs nlohmann-json 3 (Debian: nlohmann-json3-dev); CMake: find_package(batchnorm CONFIG REQUIRED COMPONENTS safetensors) and link batchnorm::safetensors"
+#include "batchnorm/io/safetensors.hpp needs nlohmann-json"
+#endif
+#endif
 
 #include <algorithm>
 #include <cmath>
