@@ -4,9 +4,11 @@
 //    grid limits). They run with or without a device (CI has none) and give the same error.
 //  - GpuLaunchChecks.*, GpuStreams.*: need a device; they skip with GTEST_SKIP() without one.
 #include <batchnorm/cuda.cuh>
+#include <batchnorm/half.hpp>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -282,6 +284,87 @@ TEST(GpuNumerics, ConstantChannelsOfHugeMagnitudeGiveTheBias) {
   BN_TEST_REQUIRE_GPU();
   expect_constant_channels_give_the_bias<float>(&float_id, &float_id);
   expect_constant_channels_give_the_bias<__nv_bfloat16>(&bf16_to_float, &float_to_bf16);
+}
+
+// ---- every kernel once, small: the compute-sanitizer subset of tools/gpu_check.sh -----------
+//
+// planar_reduce_kernel and rows_reduce_kernel (Welford and backward sums), forward_finalize_kernel
+// (direct and deferred running update), apply_running_update_kernel, running_affine_kernel,
+// backward_finalize_kernel, planar_elementwise_kernel and rows_elementwise_kernel (normalize with
+// residual + relu, input gradients with dz), in float and __half, against the CPU backend.
+
+template <class T>
+std::vector<T> pattern(std::size_t n, unsigned seed) {
+  std::vector<T> v(n);
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] = bn::from_double<T>(static_cast<double>((i * 2654435761u + seed * 97u) % 1009) / 300.0 - 1.5);
+  return v;
+}
+
+template <class T>
+void expect_close(const std::vector<T>& gpu, const std::vector<T>& cpu, double tol, const char* what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < gpu.size(); ++i) {
+    const double g = bn::to_double(gpu[i]), c = bn::to_double(cpu[i]);
+    if (!(std::fabs(g - c) <= tol * (1 + std::fabs(c))) && bad++ < 5) ADD_FAILURE() << what << "[" << i << "]: " << g << " vs " << c;
+  }
+  EXPECT_EQ(bad, 0u) << what;
+}
+
+/// A fused relu forward (training, then eval) and backward_relu on both backends.
+template <class T, int D>
+void every_kernel_case(const bn::Shape& shape, const bn::Options& options, double tol) {
+  const auto n = static_cast<std::size_t>(shape.numel());
+  const std::vector<T> x = pattern<T>(n, 1), z = pattern<T>(n, 2), dy = pattern<T>(n, 3);
+  const std::int64_t F = bn::feature_count(shape, options.mode);
+  bn::BatchNorm<T, D, bn::cpu> cpu(F, options);
+  bn::BatchNorm<T, D, bn::cuda> gpu(F, options);
+  std::vector<T> y(n), dx(n), dz(n), y_eval(n), dx_eval(n);
+  bn_test::device_array<T> gx(x), gz(z), gdy(dy), gy(n), gdx(n), gdz(n), gy_eval(n), gdx_eval(n);
+  cpu.forward_relu(x.data(), z.data(), y.data(), shape);
+  cpu.backward_relu(x.data(), y.data(), dy.data(), dx.data(), dz.data(), shape);
+  gpu.forward_relu(gx.data(), gz.data(), gy.data(), shape);
+  gpu.backward_relu(gx.data(), gy.data(), gdy.data(), gdx.data(), gdz.data(), shape);
+  cpu.eval();
+  gpu.eval();
+  cpu.forward(x.data(), y_eval.data(), shape);
+  cpu.backward(x.data(), dy.data(), dx_eval.data(), shape);
+  gpu.forward(gx.data(), gy_eval.data(), shape);
+  gpu.backward(gx.data(), gdy.data(), gdx_eval.data(), shape);
+  BN_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  expect_close(gy.download(), y, tol, "y");
+  expect_close(gdx.download(), dx, tol, "dx");
+  expect_close(gdz.download(), dz, tol, "dz");
+  expect_close(gy_eval.download(), y_eval, tol, "y (eval)");
+  expect_close(gdx_eval.download(), dx_eval, tol, "dx (eval)");
+  expect_close(gpu.state().running_mean, cpu.state().running_mean, tol, "running_mean");
+  expect_close(gpu.state().running_var, cpu.state().running_var, tol, "running_var");
+  expect_close(gpu.gradients().grad_weight, cpu.gradients().grad_weight, tol, "grad_weight");
+}
+
+TEST(GpuKernels, EveryKernelMatchesTheCpuBackend) {
+  BN_TEST_REQUIRE_GPU();
+  bn::Options deferred;
+  deferred.skip_nonfinite_updates = true;  // forward_finalize (deferred) + apply_running_update
+  bn::Options per_activation;
+  per_activation.mode = bn::Mode::per_activation;
+  {
+    SCOPED_TRACE("NCHW float: planar kernels, deferred running update");
+    every_kernel_case<float, 2>(bn::Shape{6, 3, 5, 7}, deferred, 1e-4);
+  }
+  {
+    SCOPED_TRACE("NHWC float: rows kernels, direct running update");
+    every_kernel_case<float, 2>(bn::Shape({6, 3, 5, 7}, bn::Layout::channels_last), {}, 1e-4);
+  }
+  {
+    SCOPED_TRACE("NHWC half, per activation: rows kernels with the permuted feature map");
+    every_kernel_case<__half, 2>(bn::Shape({6, 3, 5, 7}, bn::Layout::channels_last), per_activation, 4e-3);
+  }
+  {
+    SCOPED_TRACE("(N, C) bfloat16 with a split reduction over many rows");
+    every_kernel_case<__nv_bfloat16, 1>(bn::Shape{3000, 40}, deferred, 3e-2);
+  }
 }
 
 // ---- item 6: streams -----------------------------------------------------------------------

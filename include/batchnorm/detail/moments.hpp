@@ -10,6 +10,7 @@
  */
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -204,7 +205,7 @@ BN_HOST_DEVICE PivotedStats<Acc> finalize_pivoted(const Welford<Acc>& w, const P
   // x · s − pivot − mean is exactly 0, and the largest finite scale gives y = bias, as on the CPU.
   Acc scale = unit_scale * weight;
   if (std::isinf(scale) && std::isfinite(r.invstd * weight))
-    scale = std::copysign(std::numeric_limits<Acc>::max(), scale);
+    scale = std::copysign(sizeof(Acc) == sizeof(float) ? Acc(FLT_MAX) : Acc(DBL_MAX), scale);  // (device: no numeric_limits::max)
   r.affine = {s, p.value, scaled.mean, scale, bias};
   return r;
 }
