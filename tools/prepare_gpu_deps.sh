@@ -7,6 +7,8 @@
 #   .deps/googletest/   a copy of /usr/src/googletest (built from source: -DBATCHNORM_GTEST_SOURCE_DIR)
 #   .deps/benchmark/    libbenchmark-dev + libbenchmark1debian unpacked (dpkg -x): headers, the
 #                       shared library and its CMake package (-Dbenchmark_DIR=...)
+#   .deps/json/         nlohmann-json3-dev unpacked (header-only; the tests need it and the GPU
+#                       machine may not have it: -Dnlohmann_json_DIR=...)
 #
 # Checks that a program links against the unpacked benchmark and runs with it (not the system
 # copy), and that the folder stays small (the device tool carries at most 64 MiB in all).
@@ -39,6 +41,17 @@ if [[ ! -f $config_dir/benchmarkConfig.cmake ]]; then
   rm -rf "$deps/debs" "$bench/usr/share"  # documentation only
 fi
 echo "benchmark:  $config_dir"
+
+# ---- nlohmann-json (header-only package, unpacked) ------------------------------------------
+json=$deps/json
+if [[ ! -f $json/usr/share/cmake/nlohmann_json/nlohmann_jsonConfig.cmake ]]; then
+  rm -rf "$json" "$deps/debs"
+  mkdir -p "$deps/debs"
+  (cd "$deps/debs" && apt-get download nlohmann-json3-dev)
+  for deb in "$deps"/debs/*.deb; do dpkg -x "$deb" "$json"; done
+  rm -rf "$deps/debs" "$json/usr/share/doc"
+fi
+echo "json:       $json/usr/share/cmake/nlohmann_json"
 
 # ---- check: a program links against the unpacked library and loads it ------------------------
 probe=$deps/probe

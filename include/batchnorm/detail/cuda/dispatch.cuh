@@ -77,8 +77,13 @@ inline LaunchPolicy current_launch_policy() { return current_device_info().polic
  */
 inline void check_no_pending_error(const char* function) {
   const cudaError_t pending = cudaPeekAtLastError();
-  if (pending != cudaSuccess)
-    throw cuda_error(static_cast<int>(pending), __FILE__, __LINE__,
+  if (pending == cudaSuccess) return;
+  // A runtime that cannot start (no driver, no device) reports its initialization error here
+  // too: that is the failure of our first call, not an error of the caller's.
+  int device = 0;
+  const cudaError_t usable = cudaGetDevice(&device);
+  if (usable != cudaSuccess) throw_cuda_error(usable, "cudaGetDevice(&device)", __FILE__, __LINE__);
+  throw cuda_error(static_cast<int>(pending), __FILE__, __LINE__,
                      concat(__FILE__, ":", __LINE__, ": batchnorm::", function,
                             ": a CUDA error from earlier work on this thread was pending (left pending, nothing "
                             "launched): ",
