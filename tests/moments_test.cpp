@@ -239,6 +239,11 @@ TEST(Moments, ConstantFeatureAtAnyMagnitudeNormalizesToTheBias) {
         EXPECT_NEAR(r.invstd, want_invstd, 2e-7f * want_invstd);
         EXPECT_TRUE(std::isfinite(r.affine.scale)) << r.affine.scale;
         EXPECT_EQ(r.affine.apply(value), 0.25f);
+        // weight 0 (zero-initialized last BN of a residual block) and a negative weight
+        for (const float weight : {0.0f, -3.0f}) {
+          const auto rw = d::finalize_pivoted(gpu_like_welford(x, p, 32), p, eps, weight, 0.25f);
+          EXPECT_EQ(rw.affine.apply(value), 0.25f) << "weight " << weight;
+        }
       }
     }
   }

@@ -200,12 +200,17 @@ BN_HOST_DEVICE PivotedStats<Acc> finalize_pivoted(const Welford<Acc>& w, const P
     r.invstd = s / root;
     unit_scale = Acc(1) / root;
   }
-  // invstd / s overflows only when var + eps < s²·(tiny), i.e. for a feature whose values are
-  // all equal (any two distinct values at that magnitude differ by far more): then every
-  // x · s − pivot − mean is exactly 0, and the largest finite scale gives y = bias, as on the CPU.
+  // invstd / s overflows only for a feature whose values are all equal (at magnitudes where
+  // invstd / s > FLT_MAX, two distinct values differ by far more than sqrt(eps)): then every
+  // x · s − pivot − mean is exactly 0, and any finite scale (the largest; 0 for weight 0) gives
+  // y = bias, as on the CPU, instead of 0 · inf = NaN.
   Acc scale = unit_scale * weight;
-  if (std::isinf(scale) && std::isfinite(r.invstd * weight))
-    scale = std::copysign(sizeof(Acc) == sizeof(float) ? Acc(FLT_MAX) : Acc(DBL_MAX), scale);  // (device: no numeric_limits::max)
+  if (!std::isfinite(scale) && std::isfinite(r.invstd * weight)) {
+    Acc largest;  // numeric_limits<Acc>::max() is host-only
+    if constexpr (sizeof(Acc) == sizeof(float)) largest = FLT_MAX;
+    else largest = static_cast<Acc>(DBL_MAX);
+    scale = weight == Acc(0) ? Acc(0) : std::copysign(largest, weight);
+  }
   r.affine = {s, p.value, scaled.mean, scale, bias};
   return r;
 }
