@@ -296,9 +296,10 @@ for b in benchmarks:
     p = peer_by.get((op, dtype, key), {})
     x_torch = p["us"] / ours_us if ours_us and p.get("us") else None
     cudnn_cell = (f"{x_cudnn:.2f}" if x_cudnn else
-                  ("mismatch (err %.2g)" % b.get("cudnn_err", -1) if cudnn_ok == 0 else "n/a"))
+                  ("mismatch (err %.2g)" % b.get("cudnn_err", -1) if cudnn_ok == 0
+                   else "n/a " + b.get("label", "").replace("|", "/")[:40]))
     rows.append(f"| {op} | {dtype} | {key} | {ours_us:.1f} | {b.get('GBps', 0):.0f} | {b.get('pct_copy', 0):.0f}% "
-                f"| {cudnn_cell} | {('%.2f' % x_torch) if x_torch else p.get('error', 'n/a')[:40]} |")
+                f"| {cudnn_cell} | {('%.2f' % x_torch) if x_torch else p.get('error', 'n/a')[:40].replace('|', '/')} |")
     agg = ratios.setdefault((op, dtype), {"pct": [], "cudnn": [], "torch": []})
     agg["pct"].append(b.get("pct_copy", 0))
     if x_cudnn:
