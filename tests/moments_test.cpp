@@ -6,6 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <cfloat>
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 #include <cmath>
 #include <random>
 #include <vector>
@@ -185,4 +188,99 @@ TEST(Moments, ConstantFeatureIsExact) {
   EXPECT_EQ(r.mean, 7.3f);
   EXPECT_EQ(r.stats.biased_var, 0.0f);
   EXPECT_EQ(r.affine.apply(7.3f), 0.25f);
+}
+
+namespace {
+
+/// Flush-to-zero and denormals-are-zero on the host's SSE unit, for the span of a scope: the
+/// float arithmetic of a GPU built with -ftz=true (or --use_fast_math). No-op elsewhere.
+class FlushToZero {
+ public:
+  explicit FlushToZero(bool on) {
+#if defined(__SSE__) || defined(__x86_64__)
+    saved_ = _mm_getcsr();
+    if (on) _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+#else
+    (void)on;
+#endif
+  }
+  ~FlushToZero() {
+#if defined(__SSE__) || defined(__x86_64__)
+    _mm_setcsr(saved_);
+#endif
+  }
+  FlushToZero(const FlushToZero&) = delete;
+  FlushToZero& operator=(const FlushToZero&) = delete;
+
+ private:
+  unsigned saved_ = 0;
+};
+
+}  // namespace
+
+// Issue 11, item 1: a constant feature of any magnitude normalizes to exactly the bias and has
+// invstd = 1/sqrt(eps), as on the CPU. With eps added in prescaled units (eps · s², s = 2^-e),
+// eps · s² underflowed for |x| >~ 1e20 (>~ 2e16 with flush-to-zero): invstd = inf, y = NaN;
+// and lost digits from ~1e19 (invstd 316.013 instead of 316.228).
+TEST(Moments, ConstantFeatureAtAnyMagnitudeNormalizesToTheBias) {
+  for (const bool ftz : {false, true}) {
+    for (const float value : {7.25f, 1e4f, 4.5e9f, 2e16f, 1e19f, -1e19f, 1e20f, 3e25f, 1e30f, -1e35f, 3e38f,
+                              FLT_MAX, -FLT_MAX}) {
+      for (const double eps : {1e-5, 1e-3, 1.0}) {
+        SCOPED_TRACE(testing::Message() << "value " << value << " eps " << eps << " ftz " << ftz);
+        const FlushToZero mode(ftz);
+        const std::vector<float> x(257, value);
+        const auto p = d::make_pivot(x[0]);
+        const auto r = d::finalize_pivoted(gpu_like_welford(x, p, 32), p, eps, 2.0f, 0.25f);
+        const float want_invstd = 1.0f / std::sqrt(static_cast<float>(eps));
+        EXPECT_EQ(r.mean, value);
+        EXPECT_EQ(r.stats.biased_var, 0.0f);
+        EXPECT_EQ(r.stats.unbiased_var, 0.0f);
+        EXPECT_NEAR(r.invstd, want_invstd, 2e-7f * want_invstd);
+        EXPECT_TRUE(std::isfinite(r.affine.scale)) << r.affine.scale;
+        EXPECT_EQ(r.affine.apply(value), 0.25f);
+        // weight 0 (zero-initialized last BN of a residual block) and a negative weight
+        for (const float weight : {0.0f, -3.0f}) {
+          const auto rw = d::finalize_pivoted(gpu_like_welford(x, p, 32), p, eps, weight, 0.25f);
+          EXPECT_EQ(rw.affine.apply(value), 0.25f) << "weight " << weight;
+        }
+      }
+    }
+  }
+}
+
+// Around the same magnitudes, a feature that is not constant keeps an accurate invstd and
+// normalization (the fix must not trade one regime for the other): spreads from 1e-3 relative
+// (var >> eps) down to a few ulps, and with var comparable to eps in data units.
+TEST(Moments, NearConstantFeatureAtLargeMagnitudeHasAccurateInvstd) {
+  for (const bool ftz : {false, true}) {
+    for (const double offset : {1e10, 1e19, 1e20, 1e30}) {
+      for (const double relative_spread : {1e-3, 1e-6}) {
+        SCOPED_TRACE(testing::Message() << "offset " << offset << " spread " << relative_spread << " ftz " << ftz);
+        const FlushToZero mode(ftz);
+        const auto x = normal(2000, offset, offset * relative_spread, 5);
+        const Exact e = exact(x);
+        const auto p = d::make_pivot(x[0]);
+        const auto r = d::finalize_pivoted(gpu_like_welford(x, p, 64), p, 1e-5, 1.0f, 0.0f);
+        const double true_invstd = 1.0 / std::sqrt(e.var + 1e-5);
+        EXPECT_NEAR(r.invstd, true_invstd, 1e-4 * true_invstd);
+        for (std::size_t i = 0; i < x.size(); i += 101) {
+          const double want = (x[i] - e.mean) * true_invstd;
+          EXPECT_NEAR(r.affine.apply(x[i]), want, 1e-3 * (1.0 + std::fabs(want))) << i;
+        }
+      }
+    }
+  }
+  // var ~ eps in data units at a magnitude where eps · s² underflows: only data-unit eps is right.
+  {
+    std::vector<float> x(1000, 1e20f);
+    for (std::size_t i = 0; i < x.size(); i += 2) x[i] = std::nextafter(1e20f, INFINITY);
+    const Exact e = exact(x);
+    const auto p = d::make_pivot(x[0]);
+    for (const double eps : {1e-5, 1e26}) {
+      const auto r = d::finalize_pivoted(gpu_like_welford(x, p, 64), p, eps, 1.0f, 0.0f);
+      const double true_invstd = 1.0 / std::sqrt(e.var + eps);
+      EXPECT_NEAR(r.invstd, true_invstd, 1e-5 * true_invstd) << eps;
+    }
+  }
 }

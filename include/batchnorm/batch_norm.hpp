@@ -52,6 +52,15 @@ namespace batchnorm {
  *       `gradients`, `nonfinite_batches_skipped` and the constructor synchronize the device.
  * @note Thread safety: distinct instances may be used concurrently from different threads
  *       (and streams); one instance must not be used from two threads at once.
+ * @note Streams (cuda backend): an instance is one mutable object on the device (its
+ *       workspace, running statistics, saved mean/invstd, gradients), and every call writes
+ *       some of it. Calls on one instance must therefore be ordered: on one stream, or on
+ *       several streams that the caller orders (e.g. cudaEventRecord on the first,
+ *       cudaStreamWaitEvent on the second), exactly as for any buffer used on two streams.
+ *       Unordered calls on one instance from two streams race (on the workspace, on the
+ *       running statistics) and give wrong results. Distinct instances may run on different
+ *       streams at once and may share input tensors. Reading results (`y`, `dx`, the raw
+ *       buffers) from another stream also needs that stream to wait for the call's stream.
  */
 template <class T, int Dims, class Backend = cuda>
 class BatchNorm {

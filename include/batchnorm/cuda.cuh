@@ -33,6 +33,13 @@
 namespace batchnorm {
 
 /**
+ * @brief Alignment in bytes the functional CUDA API requires of its workspace (cudaMalloc,
+ *        cudaMallocAsync and PyTorch's caching allocator return 256-byte aligned memory; a
+ *        workspace carved from a byte arena must be placed at a multiple of this).
+ */
+inline constexpr std::size_t cuda_workspace_alignment = 16;
+
+/**
  * @brief Workspace bytes `forward(cuda{}, ...)` needs for @p shape on the current device.
  * @tparam T storage type
  * @throws batchnorm::cuda_error if the device cannot be queried
@@ -55,13 +62,21 @@ std::size_t max_workspace_size(cuda, std::int64_t num_features);
 
 /**
  * @brief Forward on device pointers (see ForwardArgs / ForwardConfig for the contract).
- * @param workspace device memory of at least forward_workspace_size() bytes
+ * @param workspace device memory of at least forward_workspace_size() bytes, aligned to
+ *        cuda_workspace_alignment bytes; the call's scratch space, so two calls that may run
+ *        at the same time (on two streams) need two workspaces
  * @param workspace_bytes its size
  * @param stream the stream every kernel runs on
- * @throws batchnorm::invalid_argument for a bad argument (including host pointers and a
- *         too small workspace), before anything is launched
- * @throws batchnorm::cuda_error when a CUDA call or launch fails
- * @note Stream-ordered; never synchronizes.
+ * @throws batchnorm::invalid_argument for a bad argument, before anything is launched:
+ *         including plain host pointers (accepted only where the device reads pageable host
+ *         memory, cudaDevAttrPageableMemoryAccess: HMM / ATS systems), a misaligned or too
+ *         small workspace, and more than 2^31 − 1 features (`shape`, the grid limit)
+ * @throws batchnorm::cuda_error when a CUDA call or launch fails, or when a CUDA error from
+ *         the caller's earlier work is pending on this thread (it is left pending, and
+ *         nothing is launched)
+ * @note Stream-ordered; never synchronizes. Concurrent calls on different streams are safe
+ *       when they write disjoint memory (outputs, running statistics, workspace); inputs may
+ *       be shared.
  */
 template <class T>
 void forward(cuda, const Shape& shape, const ForwardArgs<T>& args, const ForwardConfig& config, void* workspace,

@@ -49,6 +49,17 @@ TEST(NoDevice, ArgumentErrorsComeBeforeAnyCudaCall) {
   // A valid call then needs the device: cuda_error, not an argument error.
   config.eps = 1e-5;
   EXPECT_THROW(bn::forward(bn::cuda{}, bn::Shape{2, 3, 4}, args, config, nullptr, 0, nullptr), bn::cuda_error);
+  // ... reported as the failure of a CUDA call of ours, not as an error the caller left
+  // pending (an unusable runtime answers cudaPeekAtLastError with its initialization error).
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    try {
+      bn::forward(bn::cuda{}, bn::Shape{2, 3, 4}, args, config, nullptr, 0, nullptr);
+    } catch (const bn::cuda_error& e) {
+      const std::string what = e.what();
+      EXPECT_EQ(what.find("pending"), std::string::npos) << what;
+      EXPECT_NE(what.find(") failed: cudaError"), std::string::npos) << what;
+    }
+  }
   // An empty batch needs no device at all.
   EXPECT_NO_THROW(bn::forward(bn::cuda{}, bn::Shape{0, 3, 4}, args, config, nullptr, 0, nullptr));
   EXPECT_THROW((void)bn::max_workspace_size<float>(bn::cuda{}, 3), bn::cuda_error);

@@ -10,8 +10,10 @@
  */
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define BN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -158,7 +160,11 @@ BN_HOST_DEVICE Pivot<Acc> make_pivot(Acc x) {
   if (!std::isfinite(x) || x == Acc(0)) return {Acc(1), std::isfinite(x) ? x : Acc(0)};
   int exponent = 0;
   (void)std::frexp(x, &exponent);
-  const Acc prescale = exponent > 32 ? std::ldexp(Acc(1), -exponent) : Acc(1);
+  // The prescale stays a normal number (2^-126 at most for float): a subnormal one is 0 under
+  // flush-to-zero. Values of exponent 127 or 128 then land near 2 or 4, which is as good.
+  constexpr int smallest_normal_exponent = std::numeric_limits<Acc>::min_exponent - 1;  // -126 for float
+  const int shift = exponent < -smallest_normal_exponent ? exponent : -smallest_normal_exponent;
+  const Acc prescale = exponent > 32 ? std::ldexp(Acc(1), -shift) : Acc(1);
   return {prescale, x * prescale};
 }
 
@@ -176,14 +182,36 @@ BN_HOST_DEVICE PivotedStats<Acc> finalize_pivoted(const Welford<Acc>& w, const P
                                                   Acc bias) {
   const FeatureStats<Acc> scaled = finalize(w);
   const Acc s = p.prescale;
-  // invstd = 1/sqrt(var_s / s² + eps) = s / sqrt(var_s + eps s²): finite even when var is
-  // not (s <= 1, so eps s² cannot overflow).
-  const Acc root = std::sqrt(scaled.biased_var + static_cast<Acc>(eps) * s * s);
+  // Back to the data's units: division by a power of two is exact (s * s could underflow).
+  const Acc var = scaled.biased_var / s / s;
   PivotedStats<Acc> r;
   r.mean = (p.value + scaled.mean) / s;
-  r.invstd = s / root;
-  r.stats = {r.mean, scaled.biased_var / s / s, scaled.unbiased_var / s / s};
-  r.affine = {s, p.value, scaled.mean, weight / root, bias};
+  r.stats = {r.mean, var, scaled.unbiased_var / s / s};
+  Acc unit_scale;  // invstd in prescaled units: invstd / s
+  if (std::isfinite(var) || std::isnan(var)) {
+    // eps is added in the data's units, never as eps · s², which underflows for s < 2^-64
+    // (data above ~1e19; ~2e16 with flush-to-zero) and made a constant feature's invstd inf.
+    r.invstd = Acc(1) / std::sqrt(var + static_cast<Acc>(eps));
+    unit_scale = r.invstd / s;
+  } else {
+    // var overflows the type (data near 1e30 or FLT_MAX): eps is negligible next to it, and
+    // 1 / sqrt(var_s) in prescaled units stays finite.
+    const Acc root = std::sqrt(scaled.biased_var);
+    r.invstd = s / root;
+    unit_scale = Acc(1) / root;
+  }
+  // invstd / s overflows only for a feature whose values are all equal (at magnitudes where
+  // invstd / s > FLT_MAX, two distinct values differ by far more than sqrt(eps)): then every
+  // x · s − pivot − mean is exactly 0, and any finite scale (the largest; 0 for weight 0) gives
+  // y = bias, as on the CPU, instead of 0 · inf = NaN.
+  Acc scale = unit_scale * weight;
+  if (!std::isfinite(scale) && std::isfinite(r.invstd * weight)) {
+    Acc largest;  // numeric_limits<Acc>::max() is host-only
+    if constexpr (sizeof(Acc) == sizeof(float)) largest = FLT_MAX;
+    else largest = static_cast<Acc>(DBL_MAX);
+    scale = weight == Acc(0) ? Acc(0) : std::copysign(largest, weight);
+  }
+  r.affine = {s, p.value, scaled.mean, scale, bias};
   return r;
 }
 

@@ -56,12 +56,19 @@ void forward(cuda, const Shape& shape, const ForwardArgs<T>& a, const ForwardCon
   using Acc = P;
   detail::check_forward(shape, a, c);
   if (shape.numel() == 0) return;  // PyTorch: empty output, running stats untouched
+  // Host-only checks first, then the caller's pending error, then the device queries.
+  check_workspace_alignment(workspace, cuda_workspace_alignment);
+  check_launch_limits(shape, c.mode);
+  check_no_pending_error("forward");
+  const DeviceInfo device = current_device_info();
   check_device_pointers({{a.x, "x"}, {a.y, "y"}, {a.residual, "residual"}, {a.weight.data, "weight"},
                          {a.bias.data, "bias"}, {a.running_mean.data, "running_mean"},
                          {a.running_var.data, "running_var"}, {a.save_mean.data, "save_mean"},
-                         {a.save_invstd.data, "save_invstd"}, {a.skipped_updates, "skipped_updates"}});
+                         {a.save_invstd.data, "save_invstd"}, {a.skipped_updates, "skipped_updates"},
+                         {workspace, "workspace"}},
+                        device.pageable_memory_access);
 
-  const LaunchPolicy policy = current_launch_policy();
+  const LaunchPolicy policy = device.policy;
   const Plan plan = make_plan(shape, c.mode, policy);
   const bool tracking = a.running_mean.data != nullptr;
   const WorkspaceLayout layout = forward_layout<param_t<T>>(plan, c, tracking);
@@ -86,14 +93,14 @@ void forward(cuda, const Shape& shape, const ForwardArgs<T>& a, const ForwardCon
     BN_CUDA_CHECK_LAUNCH();
     if (deferred) {
       constexpr int threads = TilePolicy::elementwise_threads;
-      apply_running_update_kernel<Acc, P><<<static_cast<unsigned>(ceil_div(F, threads)), threads, 0, stream>>>(
+      apply_running_update_kernel<Acc, P><<<grid_extent(ceil_div(F, threads), max_grid_x), threads, 0, stream>>>(
           stats, F, nonfinite, a.running_mean.data, a.running_var.data, c.exponential_average_factor,
           a.skipped_updates);
       BN_CUDA_CHECK_LAUNCH();
     }
   } else {
     constexpr int threads = TilePolicy::elementwise_threads;
-    running_affine_kernel<Acc, P><<<static_cast<unsigned>(ceil_div(F, threads)), threads, 0, stream>>>(
+    running_affine_kernel<Acc, P><<<grid_extent(ceil_div(F, threads), max_grid_x), threads, 0, stream>>>(
         F, plan.map, features, affine);
     BN_CUDA_CHECK_LAUNCH();
   }
@@ -111,9 +118,15 @@ void backward(cuda, const Shape& shape, const BackwardArgs<T>& a, const Backward
   using P = param_t<T>;
   using Acc = P;
   detail::check_backward(shape, a, c);
+  check_workspace_alignment(workspace, cuda_workspace_alignment);
+  check_launch_limits(shape, c.mode);
+  check_no_pending_error("backward");
+  const DeviceInfo device = current_device_info();
   check_device_pointers({{a.x, "x"}, {a.dy, "dy"}, {a.dx, "dx"}, {a.y, "y"}, {a.dresidual, "dresidual"},
                          {a.weight.data, "weight"}, {a.mean.data, "mean"}, {a.invstd.data, "invstd"},
-                         {a.grad_weight.data, "grad_weight"}, {a.grad_bias.data, "grad_bias"}});
+                         {a.grad_weight.data, "grad_weight"}, {a.grad_bias.data, "grad_bias"},
+                         {workspace, "workspace"}},
+                        device.pageable_memory_access);
   if (shape.numel() == 0) {  // no values: the sums are zero
     if (!c.accumulate) {
       const auto bytes = static_cast<std::size_t>(feature_count(shape, c.mode)) * sizeof(P);
@@ -123,7 +136,7 @@ void backward(cuda, const Shape& shape, const BackwardArgs<T>& a, const Backward
     return;
   }
 
-  const LaunchPolicy policy = current_launch_policy();
+  const LaunchPolicy policy = device.policy;
   const Plan plan = make_plan(shape, c.mode, policy);
   const WorkspaceLayout layout = backward_layout<param_t<T>>(plan);
   check_workspace(workspace, workspace_bytes, layout.total);

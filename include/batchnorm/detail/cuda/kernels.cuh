@@ -10,6 +10,8 @@
  */
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -26,6 +28,45 @@
 #endif
 
 namespace batchnorm::detail::cuda_impl {
+
+// ---- storage <-> accumulation ------------------------------------------------------------
+
+/// Conversions between a storage type and the accumulation type. The half types go through
+/// their intrinsics, never through implicit conversions: PyTorch extensions are built with
+/// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ / __CUDA_NO_HALF_OPERATORS__,
+/// which remove them (tests/cuda/torch_extension_flags_test.cu builds with those macros).
+template <class T>
+struct storage_conversion {
+  template <class Acc>
+  __device__ static Acc to_acc(T v) { return static_cast<Acc>(v); }
+  template <class Acc>
+  __device__ static T from_acc(Acc v) { return from_acc<T>(v); }
+};
+template <>
+struct storage_conversion<__half> {
+  template <class Acc>
+  __device__ static Acc to_acc(__half v) { return static_cast<Acc>(__half2float(v)); }
+  template <class Acc>
+  __device__ static __half from_acc(Acc v) { return __float2half_rn(static_cast<float>(v)); }
+};
+template <>
+struct storage_conversion<__nv_bfloat16> {
+  template <class Acc>
+  __device__ static Acc to_acc(__nv_bfloat16 v) { return static_cast<Acc>(__bfloat162float(v)); }
+  template <class Acc>
+  __device__ static __nv_bfloat16 from_acc(Acc v) { return __float2bfloat16_rn(static_cast<float>(v)); }
+};
+
+/// A stored value as the accumulation type.
+template <class Acc, class T>
+__device__ __forceinline__ Acc to_acc(T v) {
+  return storage_conversion<T>::template to_acc<Acc>(v);
+}
+/// An accumulation-type value rounded to the storage type (round to nearest even).
+template <class T, class Acc>
+__device__ __forceinline__ T from_acc(Acc v) {
+  return storage_conversion<T>::template from_acc<Acc>(v);
+}
 
 // ---- accumulators ------------------------------------------------------------------------
 
@@ -46,8 +87,8 @@ struct WelfordAccumulator {
   const T* __restrict__ x;
   PivotIndex pivot_index;
   Pivot<Acc> pivot{Acc(1), Acc(0)};
-  __device__ void bind(std::int64_t column) { pivot = make_pivot(static_cast<Acc>(x[pivot_index(column)])); }
-  __device__ value_type load(std::int64_t i) const { return static_cast<Acc>(x[i]) * pivot.prescale - pivot.value; }
+  __device__ void bind(std::int64_t column) { pivot = make_pivot(to_acc<Acc>(x[pivot_index(column)])); }
+  __device__ value_type load(std::int64_t i) const { return to_acc<Acc>(x[i]) * pivot.prescale - pivot.value; }
   __device__ static void push(state_type& s, value_type v) { s.push(v); }
 };
 
@@ -65,11 +106,11 @@ struct GradAccumulator {
   const P* __restrict__ mean;
   FeatureMap map;
   Acc column_mean = Acc(0);
-  __device__ void bind(std::int64_t column) { column_mean = static_cast<Acc>(mean[map.param(column)]); }
+  __device__ void bind(std::int64_t column) { column_mean = to_acc<Acc>(mean[map.param(column)]); }
   __device__ value_type load(std::int64_t i) const {
-    Acc g = static_cast<Acc>(dy[i]);
-    if (y != nullptr) g = relu_backward(g, static_cast<Acc>(y[i]));
-    return {g, static_cast<Acc>(x[i])};
+    Acc g = to_acc<Acc>(dy[i]);
+    if (y != nullptr) g = relu_backward(g, to_acc<Acc>(y[i]));
+    return {g, to_acc<Acc>(x[i])};
   }
   __device__ void push(state_type& s, const value_type& v) const {
     const Acc xmu = v.x - column_mean;
@@ -181,18 +222,18 @@ struct ForwardFeatureArgs {
 template <class Acc, class P>
 __device__ void write_column(Affine<Acc>* affine, std::int64_t column, std::int64_t p, Acc mean, Acc invstd,
                              const Affine<Acc>& constants, const ForwardFeatureArgs<P>& a) {
-  if (a.save_mean) a.save_mean[p] = static_cast<P>(mean);
-  if (a.save_invstd) a.save_invstd[p] = static_cast<P>(invstd);
+  if (a.save_mean) a.save_mean[p] = from_acc<P>(mean);
+  if (a.save_invstd) a.save_invstd[p] = from_acc<P>(invstd);
   affine[column] = constants;
 }
 
 template <class Acc, class P>
 __device__ Acc weight_of(const ForwardFeatureArgs<P>& a, std::int64_t p) {
-  return a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
+  return a.weight ? to_acc<Acc>(a.weight[p]) : Acc(1);
 }
 template <class Acc, class P>
 __device__ Acc bias_of(const ForwardFeatureArgs<P>& a, std::int64_t p) {
-  return a.bias ? static_cast<Acc>(a.bias[p]) : Acc(0);
+  return a.bias ? to_acc<Acc>(a.bias[p]) : Acc(0);
 }
 
 /**
@@ -212,7 +253,7 @@ BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
   const Welford<Acc> total = merge_partials<WelfordAccumulator<T, Acc>>(partials, layout, column);
   if (threadIdx.x % 32 != 0) return;
   const std::int64_t p = map.param(column);
-  const Pivot<Acc> pivot = make_pivot(static_cast<Acc>(x[pivot_index(column)]));
+  const Pivot<Acc> pivot = make_pivot(to_acc<Acc>(x[pivot_index(column)]));
   const PivotedStats<Acc> r = finalize_pivoted(total, pivot, a.eps, weight_of<Acc>(a, p), bias_of<Acc>(a, p));
   write_column(affine, column, p, r.mean, r.invstd, r.affine, a);
   const FeatureStats<Acc>& s = r.stats;
@@ -245,8 +286,8 @@ BN_KERNEL void running_affine_kernel(std::int64_t F, FeatureMap map, ForwardFeat
   const std::int64_t column = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (column >= F) return;
   const std::int64_t p = map.param(column);
-  const Acc mean = static_cast<Acc>(a.running_mean[p]);
-  const Acc invstd = inverse_std(static_cast<Acc>(a.running_var[p]), a.eps);
+  const Acc mean = to_acc<Acc>(a.running_mean[p]);
+  const Acc invstd = inverse_std(to_acc<Acc>(a.running_var[p]), a.eps);
   write_column(affine, column, p, mean, invstd, normalize_affine(mean, invstd, weight_of<Acc>(a, p), bias_of<Acc>(a, p)),
                a);
 }
@@ -272,13 +313,13 @@ BN_KERNEL void __launch_bounds__(TilePolicy::finalize_warps * 32)
   const BackwardSums<Acc> sums = merge_partials<GradAccumulator<float, Acc, P>>(partials, layout, column);
   if (threadIdx.x % 32 != 0) return;
   const std::int64_t p = map.param(column);
-  const Acc w = a.weight ? static_cast<Acc>(a.weight[p]) : Acc(1);
+  const Acc w = a.weight ? to_acc<Acc>(a.weight[p]) : Acc(1);
   const BackwardCoefficients<Acc> k =
-      backward_coefficients(sums, static_cast<Acc>(a.invstd[p]), w, a.n, a.batch_statistics);
+      backward_coefficients(sums, to_acc<Acc>(a.invstd[p]), w, a.n, a.batch_statistics);
   store_gradient(a.grad_weight ? a.grad_weight + p : nullptr, k.grad_weight, a.accumulate);
   store_gradient(a.grad_bias ? a.grad_bias + p : nullptr, k.grad_bias, a.accumulate);
   if (coefficients)
-    coefficients[column] = {static_cast<Acc>(a.mean[p]), k.mean_shift, k.dy_scale, k.xmu_scale, k.constant};
+    coefficients[column] = {to_acc<Acc>(a.mean[p]), k.mean_shift, k.dy_scale, k.xmu_scale, k.constant};
 }
 
 // ---- elementwise passes ------------------------------------------------------------------
@@ -292,10 +333,10 @@ struct NormalizeOp {
   const Affine<Acc>* __restrict__ affine;
   bool relu;
   __device__ void operator()(std::int64_t i, std::int64_t column) const {
-    Acc v = affine[column].apply(static_cast<Acc>(x[i]));
-    if (residual) v += static_cast<Acc>(residual[i]);
+    Acc v = affine[column].apply(to_acc<Acc>(x[i]));
+    if (residual) v += to_acc<Acc>(residual[i]);
     if (relu) v = batchnorm::detail::relu(v);
-    y[i] = static_cast<T>(v);
+    y[i] = from_acc<T>(v);
   }
 };
 
@@ -310,17 +351,17 @@ struct InputGradOp {
   const ColumnGrad<Acc>* __restrict__ k;
   bool batch_statistics;
   __device__ void operator()(std::int64_t i, std::int64_t column) const {
-    Acc g = static_cast<Acc>(dy[i]);
-    if (y != nullptr) g = relu_backward(g, static_cast<Acc>(y[i]));
+    Acc g = to_acc<Acc>(dy[i]);
+    if (y != nullptr) g = relu_backward(g, to_acc<Acc>(y[i]));
     const ColumnGrad<Acc> c = k[column];
-    if (dz) dz[i] = static_cast<T>(g);
+    if (dz) dz[i] = from_acc<T>(g);
     if (dx == nullptr) return;
     if (!batch_statistics) {  // eval: dx = dy * invstd * w, x is not read
-      dx[i] = static_cast<T>(g * c.dy_scale);
+      dx[i] = from_acc<T>(g * c.dy_scale);
       return;
     }
-    const Acc xmu = (static_cast<Acc>(x[i]) - c.mean) - c.mean_shift;
-    dx[i] = static_cast<T>(g * c.dy_scale + xmu * c.xmu_scale + c.constant);
+    const Acc xmu = (to_acc<Acc>(x[i]) - c.mean) - c.mean_shift;
+    dx[i] = from_acc<T>(g * c.dy_scale + xmu * c.xmu_scale + c.constant);
   }
 };
 

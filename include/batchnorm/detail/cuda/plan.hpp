@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "../../args.hpp"
+#include "../../errors.hpp"
 #include "../moments.hpp"
 
 #if defined(__CUDA_ARCH__)  // device pass only: host compilers warn about the pragma
@@ -190,6 +191,22 @@ BN_HOST_DEVICE void walk_rows_elementwise(const RowsView& v, std::int64_t first,
 }
 
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+/// Grid limits of every device since compute capability 3.0: gridDim.x <= 2^31 − 1,
+/// gridDim.y <= 65535.
+constexpr std::int64_t max_grid_x = 2147483647;
+constexpr std::int64_t max_grid_y = 65535;
+/// The most features a launch handles: the planar reduction has one block per feature in
+/// gridDim.x (the other grids need fewer blocks).
+constexpr std::int64_t max_features = max_grid_x;
+
+/// A grid extent as launched, checked against its @p limit (never a silent truncation).
+inline unsigned grid_extent(std::int64_t blocks, std::int64_t limit) {
+  if (blocks < 1 || blocks > limit)
+    throw invalid_argument("shape", concat("shape: needs a grid of ", blocks, " blocks in one dimension; the CUDA "
+                                           "limit is ", limit));
+  return static_cast<unsigned>(blocks);
+}
 
 /// Where feature `column`'s partial `k` lives: partials[column * feature_stride + k * split_stride].
 struct PartialsLayout {
