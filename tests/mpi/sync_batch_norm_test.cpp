@@ -26,6 +26,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <optional>
@@ -294,6 +296,8 @@ std::pair<std::string, std::string> expect_throw_everywhere(F&& call, bool same_
     message = std::string("wrong exception type: ") + e.what();
   }
   EXPECT_TRUE(thrown) << "rank " << world_rank() << ": " << message;
+  if (std::getenv("BATCHNORM_PRINT_ERRORS"))  // docs/errors.md copies these
+    std::fprintf(stderr, "[rank %d] %s\n", world_rank(), message.c_str());
   int all_thrown = thrown ? 1 : 0;
   MPI_Allreduce(MPI_IN_PLACE, &all_thrown, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   EXPECT_EQ(all_thrown, 1) << "a rank did not throw";
