@@ -82,9 +82,11 @@ LocalFault attempt(F&& check) {
 }
 
 /**
- * Throws on every rank when any rank's status is not 0: the faulting rank rethrows its own
- * error wrapped with the rank, the others an exception of the same type naming that rank and
- * the argument. @p statuses empty: the backend checks them on the device (see ops.hpp).
+ * Throws on every rank when any rank's status is not 0. A rank that refused its own call
+ * throws its own error, prefixed with its rank (an exception that was not a batchnorm
+ * argument or state error, e.g. std::bad_alloc or cuda_error, is rethrown as it was); the
+ * other ranks throw the same type, naming the first rank that refused and the argument.
+ * @p statuses empty: the backend checks them on the device (see detail/sync/ops.hpp).
  */
 inline void throw_if_any_fault(const std::vector<double>& statuses, const LocalFault& local, int rank,
                                const std::string& where) {
@@ -95,26 +97,28 @@ inline void throw_if_any_fault(const std::vector<double>& statuses, const LocalF
       ++faulty;
     }
   if (first < 0) return;
-  const auto code = static_cast<fault>(static_cast<int>(statuses[static_cast<std::size_t>(first)]));
-  const std::string others = faulty > 1 ? concat(" (and ", faulty - 1, faulty > 2 ? " more ranks" : " more rank", ")")
-                                        : std::string();
-  const std::string head = concat(where, ": rank ", first, " of ", statuses.size(), others,
-                                  " refused its input, so no rank changed anything");
-  std::string detail_text;
-  if (first == rank && local.error) {
+  const int named = local.error ? rank : first;  // a rank that refused its call names itself
+  const auto code =
+      local.error ? local.code : static_cast<fault>(static_cast<int>(statuses[static_cast<std::size_t>(first)]));
+  const std::string others =
+      faulty > 1 ? concat(" (", faulty, " ranks refused theirs, the first is rank ", first, ")") : std::string();
+  const std::string head = concat(where, ": rank ", named, " of ", statuses.size(), " refused its input", others,
+                                  ", so no rank changed anything");
+  std::string text;
+  if (local.error) {
+    if (code == fault::internal) std::rethrow_exception(local.error);
     try {
       std::rethrow_exception(local.error);
     } catch (const std::exception& e) {
-      detail_text = concat(": ", e.what());
-    } catch (...) {
+      text = concat(head, ": ", e.what());
     }
   } else {
-    detail_text = concat(" (", code == fault::state ? "a call out of order" : concat("argument ", argument_of(code)),
-                         "); that rank's error says why");
+    text = concat(head, " (", code == fault::state ? std::string("a call out of order") : concat("argument ", argument_of(code)),
+                  "); that rank's error says why");
   }
-  if (code == fault::state) throw state_error(head + detail_text);
-  if (code == fault::internal) throw std::runtime_error(head + detail_text);
-  throw invalid_argument(argument_of(code), head + detail_text);
+  if (code == fault::state) throw state_error(text);
+  if (code == fault::internal) throw std::runtime_error(text);
+  throw invalid_argument(argument_of(code), text);
 }
 
 }  // namespace detail::sync

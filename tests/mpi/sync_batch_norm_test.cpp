@@ -379,6 +379,28 @@ TEST(SyncFaults, WrongTensorRankAndNullOutputOnRankZero) {
   f.valid_step();
 }
 
+TEST(SyncFaults, WhenSeveralRanksRefuseEachNamesItselfAndTheFirst) {
+  FaultFixture f;
+  const auto before = snapshot(f.layer);
+  // Every odd rank, and rank 0, pass a null y.
+  const bool refuses = f.rank == 0 || f.rank % 2 == 1;
+  int refusing = 0;
+  for (int r = 0; r < f.size; ++r) refusing += (r == 0 || r % 2 == 1) ? 1 : 0;
+  const auto [message, argument] = expect_throw_everywhere<batchnorm::invalid_argument>(
+      [&] { f.layer.forward(f.x.data(), refuses ? nullptr : f.y.data(), f.shape); }, false);
+  EXPECT_EQ(argument, "y");
+  EXPECT_NE(message.find("rank " + std::to_string(refuses ? f.rank : 0) + " of"), std::string::npos) << message;
+  if (refusing > 1) {
+    EXPECT_NE(message.find(std::to_string(refusing) + " ranks refused theirs, the first is rank 0"), std::string::npos)
+        << message;
+  }
+  if (refuses) {
+    EXPECT_NE(message.find("y: expected a non-null pointer"), std::string::npos) << message;
+  }
+  EXPECT_EQ(snapshot(f.layer), before);
+  f.valid_step();
+}
+
 TEST(SyncFaults, BackwardFaultsOnOneRankThrowEverywhereAndLeaveGradientsAlone) {
   FaultFixture f;
   f.valid_step();
@@ -412,6 +434,7 @@ TEST(SyncFaults, MpiErrorsBecomeCommunicationErrorsNamingTheCall) {
     ADD_FAILURE() << "no exception";
   } catch (const batchnorm::communication_error& e) {
     EXPECT_EQ(e.call(), "MPI_Comm_dup");
+    if (std::getenv("BATCHNORM_PRINT_ERRORS")) std::fprintf(stderr, "[rank %d] %s\n", world_rank(), e.what());
     EXPECT_NE(std::string(e.what()).find("MPI_Comm_dup failed: "), std::string::npos) << e.what();
     EXPECT_NE(e.code(), MPI_SUCCESS);
   }
