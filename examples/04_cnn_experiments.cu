@@ -42,8 +42,9 @@
 //   - at every learning rate where the plain network reaches the target too (so both train),
 //     BN's median loss range along the gradient is below half the plain network's (a
 //     non-finite loss counts as an infinite range); there must be at least one such rate.
-//     Where the plain network fails, its ReLUs die, it computes a constant and its landscape
-//     is flat for that bad reason: the numbers are printed and plotted but not compared.
+//     Where the plain network fails it predicts at chance, and its landscape is flat for that
+//     bad reason (the fraction of ReLU outputs above zero, printed per run, tells whether its
+//     ReLUs died): the numbers are printed and plotted but not compared.
 // ctest runs `--quick` (rates 0.3 and 3, 6 epochs) so that these hold on every build.
 //
 // The same source builds with a plain C++ compiler (04_cnn_experiments.cpp includes it; CPU
@@ -529,6 +530,17 @@ class Network {
       if (b->bn) b->bn->layer().load_state(s.batchnorm[k++]);
   }
 
+  /// Per block, the fraction of ReLU outputs above zero in the last forward: a block at 0
+  /// passes nothing on, and the network computes a constant (its ReLUs "died").
+  [[nodiscard]] std::vector<double> active_fractions() const {
+    std::vector<double> out;
+    for (const ConvBlock<Backend>* b : blocks()) {
+      const auto active = std::count_if(b->a.begin(), b->a.end(), [](float v) { return v > 0.0f; });
+      out.push_back(b->a.empty() ? NAN : static_cast<double>(active) / static_cast<double>(b->a.size()));
+    }
+    return out;
+  }
+
   /// The weights of convolution @p layer (0, 1, 2).
   [[nodiscard]] const std::vector<float>& conv_weights(int layer) const { return blocks()[static_cast<std::size_t>(layer)]->conv.w; }
 
@@ -608,6 +620,7 @@ struct RunResult {
   std::vector<EpochRecord> epochs;
   std::vector<Probe> probes;
   std::vector<std::vector<float>> conv_weights;  // at the end, per layer
+  std::vector<double> active_relus;              // at the end, per block, on the test set
   bool diverged = false;
   double seconds = 0.0;
   [[nodiscard]] int epochs_to(double accuracy) const {
@@ -652,7 +665,7 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
   const auto start = std::chrono::steady_clock::now();
   Network<Backend> net(batchnorm, config.seed);  // same seed: same initial weights with and without BN
   Rng order(config.seed + 1000);                 // same batch order too
-  RunResult result{lr, batchnorm, {}, {}, {}, {}};
+  RunResult result{lr, batchnorm, {}, {}, {}, {}, {}};
   std::vector<int> rows(static_cast<std::size_t>(train_set.count()));
   std::iota(rows.begin(), rows.end(), 0);
   std::vector<float> x, dlogits;
@@ -695,6 +708,7 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
     test(epoch, result.diverged ? NAN : loss_sum / batches);
   }
   for (int layer = 0; layer < 3; ++layer) result.conv_weights.push_back(net.conv_weights(layer));
+  result.active_relus = net.active_fractions();  // of the last forward: the test set, eval mode
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }
@@ -1231,9 +1245,11 @@ int run(const Config& config) {
       runs.push_back(train<Backend>(config, lr, bn, train_set, test_set));
       const RunResult& r = runs.back();
       const EpochRecord& last = r.epochs.back();
-      std::printf("lr %-5g %-10s epoch %3d: train loss %-9s test accuracy %6.2f %%%s  (%.1f s)\n", lr,
-                  bn ? "batchnorm" : "plain", last.epoch, format(last.train_loss, "%.4f").c_str(), last.test_accuracy,
-                  r.diverged ? "  DIVERGED (loss not finite)" : "", r.seconds);
+      std::printf("lr %-5g %-10s epoch %3d: train loss %-9s test accuracy %6.2f %%%s; ReLU outputs > 0 on the "
+                  "test set: %.0f / %.0f / %.0f %%  (%.1f s)\n", lr, bn ? "batchnorm" : "plain", last.epoch,
+                  format(last.train_loss, "%.4f").c_str(), last.test_accuracy,
+                  r.diverged ? "  DIVERGED (loss not finite)" : "", 100 * r.active_relus[0], 100 * r.active_relus[1],
+                  100 * r.active_relus[2], r.seconds);
     }
 
   std::filesystem::create_directories(config.out_dir);
