@@ -17,7 +17,8 @@
 // code. Both networks start from the same weights (He-uniform convolutions, PyTorch's
 // default for the linear layer, zero biases), see the same mini-batches in the same order
 // and use the same learning rate; the only difference is BN. It is repeated for several
-// learning rates, the largest chosen so that the plain network fails.
+// learning rates, the largest chosen so that the plain network fails (at 3 its loss stays at
+// ln 10, chance level, while the BN network trains).
 //
 // What it measures (all in --out, default cnn/ next to the executable):
 //   1. training loss per step and test accuracy per epoch      -> cnn_training.svg
@@ -50,8 +51,8 @@
 // The same source builds with a plain C++ compiler (04_cnn_experiments.cpp includes it; CPU
 // backend, batchnorm::cpu) and with nvcc (this file; CUDA backend, batchnorm::cuda). The CUDA
 // build needs a GPU at run time: without one it says so and exits 0 without results. With one
-// it first trains both backends for a few steps from the same start and checks that their
-// losses agree within a stated tolerance, then runs the experiments with BN on the GPU (the
+// it first trains the BN network on both backends for 20 steps from the same start and checks
+// that their losses agree within 1e-3 (relative to the largest), then runs the experiments with BN on the GPU (the
 // convolutions stay on the host: they are this example's, not the library's).
 //
 // Usage: example_cnn_experiments [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B]
