@@ -103,7 +103,9 @@ TEST(NcclCommunicator, ErrorsNameTheCall) {
     bn::detail::check_nccl(ncclInvalidArgument, "ncclAllGather");
     ADD_FAILURE() << "no exception";
   } catch (const bn::communication_error& e) {
-    EXPECT_NE(std::string(e.what()).find("ncclAllGather"), std::string::npos) << e.what();
+    EXPECT_EQ(e.call(), "ncclAllGather");
+    EXPECT_EQ(e.code(), static_cast<int>(ncclInvalidArgument));
+    EXPECT_NE(std::string(e.what()).find("ncclAllGather failed"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find(ncclGetErrorString(ncclInvalidArgument)), std::string::npos) << e.what();
   }
 }
@@ -162,7 +164,7 @@ TEST(NcclCommunicator, PhasesOverNcclEqualTheWholeBatch) {
   bn::backward(bn::cpu{}, whole, ba, bn::BackwardConfig{});
 
   struct Rank {
-    bn::Shape shape{{0, 1, 1}};
+    bn::Shape shape = bn::Shape({0, 1, 1});
     device_array<float> x, dy, y, dx, w, b, rm, rv, gw, gb;
     device_array<double> stats, gathered, norm, sums;
     device_array<unsigned char> ws;

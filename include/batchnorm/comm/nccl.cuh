@@ -27,8 +27,9 @@ namespace detail {
 /// Throws batchnorm::communication_error naming the NCCL call and NCCL's message.
 inline void check_nccl(ncclResult_t result, const char* call) {
   if (result == ncclSuccess) return;
-  throw communication_error(std::string("batchnorm: ") + call + " failed: " + ncclGetErrorString(result) +
-                            " (ncclResult_t " + std::to_string(static_cast<int>(result)) + ")");
+  throw communication_error(call, static_cast<int>(result),
+                            std::string(call) + " failed: " + ncclGetErrorString(result) + " (ncclResult_t " +
+                                std::to_string(static_cast<int>(result)) + ")");
 }
 }  // namespace detail
 
