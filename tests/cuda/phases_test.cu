@@ -591,6 +591,29 @@ TEST(CudaPhasesEdges, ForwardAndBackwardCaptureIntoAGraph) {
   (void)cudaGraphDestroy(graph);
 }
 
+// SyncBatchNorm's helpers after an all-gather of [status | record] blocks: the records behind
+// the status words summed in rank order, and compacted one after the other.
+TEST(CudaPhasesEdges, SumAndCompactGatheredBlocks) {
+  BN_TEST_REQUIRE_GPU();
+  const std::int64_t ranks = 3, stride = 7, offset = 1, count = 6;
+  std::vector<double> host(ranks * stride);
+  for (std::size_t i = 0; i < host.size(); ++i) host[i] = 0.1 * static_cast<double>(i * i) + (i % 7 == 0 ? 1e9 : 0.0);
+  device_array<double> gathered(host), sum(std::vector<double>(count, -1.0)), records(ranks * count);
+  Stream stream;
+  bn::detail::cuda_impl::sum_gathered(gathered.data(), ranks, stride, offset, count, sum.data(), stream.get());
+  bn::detail::cuda_impl::compact_gathered(gathered.data(), ranks, stride, offset, count, records.data(), stream.get());
+  stream.sync();
+  const auto got = sum.download(), compact = records.download();
+  for (std::int64_t i = 0; i < count; ++i) {
+    double want = 0.0;
+    for (std::int64_t r = 0; r < ranks; ++r) want += host[r * stride + offset + i];  // rank order
+    EXPECT_EQ(got[i], want) << i;
+    for (std::int64_t r = 0; r < ranks; ++r) EXPECT_EQ(compact[r * count + i], host[r * stride + offset + i]);
+  }
+  EXPECT_THROW(bn::detail::cuda_impl::sum_gathered(gathered.data(), ranks, stride, 2, count, sum.data(), nullptr),
+               bn::invalid_argument);
+}
+
 // The checks that run on the host before any CUDA call: they run without a GPU too.
 TEST(CudaPhasesHostChecks, BadArgumentsThrowBeforeAnyCudaCall) {
   const Shape shape({4, 3, 5});

@@ -151,6 +151,19 @@ BN_KERNEL void record_coefficients_kernel(std::int64_t F, FeatureMap map, const 
   if (coefficients) coefficients[column] = record_column_grad<Acc>(normalization[1 + p], k);
 }
 
+/// SyncBatchNorm's reduction after an all-gather: out[i] = Σ_r gathered[r · stride + offset + i]
+/// over r = 0, 1, ... in rank order (a left fold, so every rank gets the same bits). A template
+/// only so that a header may define it in every translation unit.
+template <class E>
+BN_KERNEL void sum_gathered_kernel(const E* __restrict__ gathered, std::int64_t ranks, std::int64_t stride,
+                                   std::int64_t offset, std::int64_t count, E* __restrict__ out) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  E sum = E(0);
+  for (std::int64_t r = 0; r < ranks; ++r) sum += gathered[r * stride + offset + i];
+  out[i] = sum;
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
 /// Blocks of `threads` threads covering @p count per-feature threads (at least one block).
@@ -168,6 +181,41 @@ inline LaunchPolicy prepare_phase(const char* function, const void* workspace,
   check_device_pointers(pointers, device.pageable_memory_access);
   check_device_pointer(workspace, "workspace", device.pageable_memory_access);
   return device.policy;
+}
+
+/**
+ * @brief For SyncBatchNorm on CUDA after an all-gather of @p ranks blocks of @p stride doubles
+ *        (device memory): @p out[i] = the sum over ranks, in rank order, of element
+ *        @p offset + i of each block, i < @p count (e.g. the gradient records behind a status
+ *        word: offset 1, count 2F). Stream-ordered; never synchronizes.
+ */
+inline void sum_gathered(const double* gathered, std::int64_t ranks, std::int64_t stride, std::int64_t offset,
+                         std::int64_t count, double* out, cudaStream_t stream) {
+  require(ranks >= 1 && offset >= 0 && count >= 0 && offset + count <= stride, "gathered",
+          "gathered: expected ranks >= 1 and offset + count <= stride, got ranks ", ranks, ", stride ", stride,
+          ", offset ", offset, ", count ", count);
+  if (count == 0) return;
+  constexpr int threads = TilePolicy::elementwise_threads;
+  sum_gathered_kernel<double><<<feature_blocks(count, threads), threads, 0, stream>>>(gathered, ranks, stride, offset, count,
+                                                                              out);
+  BN_CUDA_CHECK_LAUNCH();
+}
+
+/**
+ * @brief For SyncBatchNorm on CUDA: copies element [@p offset, @p offset + @p count) of each of
+ *        @p ranks gathered blocks of @p stride doubles into @p records, one after the other
+ *        (e.g. the shard records behind a status word, for merge_statistics). One strided
+ *        cudaMemcpy2DAsync; stream-ordered, never synchronizes.
+ */
+inline void compact_gathered(const double* gathered, std::int64_t ranks, std::int64_t stride, std::int64_t offset,
+                             std::int64_t count, double* records, cudaStream_t stream) {
+  require(ranks >= 1 && offset >= 0 && count >= 0 && offset + count <= stride, "gathered",
+          "gathered: expected ranks >= 1 and offset + count <= stride, got ranks ", ranks, ", stride ", stride,
+          ", offset ", offset, ", count ", count);
+  if (count == 0) return;
+  const std::size_t width = static_cast<std::size_t>(count) * sizeof(double);
+  BN_CUDA_CHECK(cudaMemcpy2DAsync(records, width, gathered + offset, static_cast<std::size_t>(stride) * sizeof(double),
+                                  width, static_cast<std::size_t>(ranks), cudaMemcpyDeviceToDevice, stream));
 }
 
 }  // namespace batchnorm::detail::cuda_impl
