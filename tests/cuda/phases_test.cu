@@ -20,6 +20,7 @@
 #include <vector>
 
 #include <batchnorm/cuda.cuh>
+#include <batchnorm/half.hpp>
 
 #include "support/common.hpp"
 #include "support/device_memory.cuh"
@@ -40,7 +41,8 @@ using bn_test::Stream;
 
 template <class T>
 constexpr double rtol() {
-  return std::is_same_v<T, double> ? 1e-10 : 1e-4;
+  // half: outputs round to 11 bits, so the GPU's and the CPU's roundings may differ by an ulp.
+  return std::is_same_v<T, double> ? 1e-10 : std::is_same_v<T, float> ? 1e-4 : 4e-3;
 }
 
 /// |g − c| <= rel · (|c| + 0.1 · max|c|) per element; NaN must match NaN.
@@ -100,7 +102,8 @@ template <class T>
 struct Batch {
   Shape shape;
   std::int64_t F, per_sample;
-  std::vector<T> x, dy, z, w, b;
+  std::vector<T> x, dy, z;
+  std::vector<bn::param_t<T>> w, b;
 };
 
 template <class T>
@@ -112,8 +115,8 @@ Batch<T> make_batch(const Case& k, double offset, std::uint64_t seed) {
   d.x = bnref::cast<T>(bnref::normal(numel, seed, offset, 2.0));
   d.dy = bnref::cast<T>(bnref::normal(numel, seed + 1));
   d.z = bnref::cast<T>(bnref::normal(numel, seed + 2));
-  d.w = bnref::cast<T>(bnref::normal(d.F, seed + 3, 1.0, 0.5));
-  d.b = bnref::cast<T>(bnref::normal(d.F, seed + 4));
+  d.w = bnref::cast<bn::param_t<T>>(bnref::normal(d.F, seed + 3, 1.0, 0.5));
+  d.b = bnref::cast<bn::param_t<T>>(bnref::normal(d.F, seed + 4));
   return d;
 }
 
@@ -126,7 +129,8 @@ std::vector<T> samples(const std::vector<T>& v, std::int64_t per_sample, std::in
 template <class T>
 struct PhaseResults {
   std::vector<double> records, normalization;
-  std::vector<T> y, dx, running_mean, running_var, save_mean, save_invstd, grad_weight, grad_bias;
+  std::vector<T> y, dx;
+  std::vector<bn::param_t<T>> running_mean, running_var, save_mean, save_invstd, grad_weight, grad_bias;
 };
 
 /// Runs the five CUDA phases over shards [bounds[r], bounds[r + 1]) of the batch on one device
@@ -157,7 +161,7 @@ PhaseResults<T> run_phases(const Case& k, const Batch<T>& d, const std::vector<s
 
   device_array<double> norm(static_cast<std::size_t>(phases::normalization_size(F)));
   device_array<P> rm(std::vector<P>(F, P(0.5))), rv(std::vector<P>(F, P(2))), sm(F), si(F);
-  device_array<P> w(std::vector<P>(d.w.begin(), d.w.end())), b(std::vector<P>(d.b.begin(), d.b.end()));
+  device_array<P> w(d.w), b(d.b);
   phases::MergeArgs<P> ma;
   ma.shard_statistics = cspan(records);
   ma.shards = shards;
@@ -221,13 +225,12 @@ PhaseResults<T> run_phases(const Case& k, const Batch<T>& d, const std::vector<s
     out.y.insert(out.y.end(), y.begin(), y.end());
     out.dx.insert(out.dx.end(), dx.begin(), dx.end());
   }
-  auto to_t = [](const std::vector<P>& v) { return std::vector<T>(v.begin(), v.end()); };
-  out.running_mean = to_t(rm.download());
-  out.running_var = to_t(rv.download());
-  out.save_mean = to_t(sm.download());
-  out.save_invstd = to_t(si.download());
-  out.grad_weight = to_t(gw.download());
-  out.grad_bias = to_t(gb.download());
+  out.running_mean = rm.download();
+  out.running_var = rv.download();
+  out.save_mean = sm.download();
+  out.save_invstd = si.download();
+  out.grad_weight = gw.download();
+  out.grad_bias = gb.download();
   return out;
 }
 
@@ -238,8 +241,9 @@ PhaseResults<T> run_cpu(const Case& k, const Batch<T>& d, double momentum) {
   PhaseResults<T> r;
   r.y.resize(numel);
   r.dx.resize(numel);
-  r.running_mean.assign(F, T(0.5));
-  r.running_var.assign(F, T(2));
+  using P = bn::param_t<T>;
+  r.running_mean.assign(F, P(0.5));
+  r.running_var.assign(F, P(2));
   r.save_mean.resize(F);
   r.save_invstd.resize(F);
   r.grad_weight.resize(F);
@@ -298,7 +302,7 @@ std::string describe(const Case& k) {
 
 template <class T>
 class CudaPhases : public ::testing::Test {};
-using Types = ::testing::Types<float, double>;
+using Types = ::testing::Types<float, double, __half>;
 TYPED_TEST_SUITE(CudaPhases, Types);
 
 // One shard, then shards of 0, 1, 2, ... samples (two empty ones first): the CPU's forward and
