@@ -5,8 +5,9 @@
 //    at::native_batch_norm_backward on CPU tensors wrapping our buffers;
 //  - std::memcpy of the same buffers, and a large std::memcpy measured at start-up: the
 //    physical floor (x_floor).
-// Each peer is first CHECKED to compute what we compute on that shape and op (y; dx, dweight,
-// dbias for backward) within a stated tolerance; a peer that is missing, refuses the case
+// Each peer is first CHECKED to compute what we compute on that shape and op (y, and libtorch's
+// running statistics after a training forward; dx, dweight, dbias for backward) within a stated
+// tolerance; a peer that is missing, refuses the case
 // (throws) or differs is reported in the label and the *_ok counters and is not timed.
 //
 // Timing: every benchmark iteration calls ours, then each checked peer, then the same-size
@@ -18,7 +19,8 @@
 // bytes = forward (training or inference): x read + y written (2 S); backward: x and dy read +
 // dx written (3 S) (S = numel * sizeof(storage type)); x_torch = torch median / ours,
 // x_onednn = oneDNN median / ours (> 1: we are faster); x_floor = our median / (minimal bytes /
-// memcpy_GBps), memcpy_GBps being the start-up large copy's (read + write) bandwidth;
+// memcpy_GBps), memcpy_GBps being the (read + write) bandwidth of large (256 MiB) copies made
+// just before and after the case's timed loop;
 // x_memcpy = our median / same-buffers memcpy median.
 //
 // Threads: BN_BENCH_THREADS (default 1) sets omp_set_num_threads (ours, oneDNN: Debian's
@@ -190,7 +192,22 @@ double tolerance() {
   return sizeof(T) == 2 ? 1.0 / 64 : 1e-3;
 }
 
-double g_memcpy_GBps = 0;  // large-copy bandwidth (read + write bytes / s), measured in main
+// The memory floor: bandwidth (bytes read + written per second) of std::memcpy between two
+// buffers far larger than the caches, allocated and faulted in once.
+struct LargeCopy {
+  static constexpr std::size_t kBytes = std::size_t{256} << 20;
+  std::vector<char> src = std::vector<char>(kBytes, 1), dst = std::vector<char>(kBytes, 0);
+  std::vector<double> copy_times(int copies) {
+    std::vector<double> t;
+    for (int i = 0; i < copies; ++i) {
+      t.push_back(seconds([&] { std::memcpy(dst.data(), src.data(), kBytes); }));
+      benchmark::DoNotOptimize(dst.data());
+    }
+    return t;
+  }
+  static double GBps(double seconds) { return 2.0 * static_cast<double>(kBytes) / seconds * 1e-9; }
+};
+LargeCopy* g_large_copy = nullptr;
 int g_threads = 1;
 
 // ---------------------------------------------------------------------------------------------
@@ -260,13 +277,19 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
     ours.run = [&] { layer.backward(b.x.data(), b.dy.data(), b.dx_ours.data(), shape); };
   }
   ours.run();
+  std::vector<float> ours_running_mean, ours_running_var;  // after one training forward
   if (op == Op::backward) {
     const auto g = layer.gradients();
     ours_dw = g.grad_weight;
     ours_db = g.grad_bias;
+  } else if (op == Op::train) {
+    const auto s = layer.state();
+    ours_running_mean = s.running_mean;
+    ours_running_var = s.running_var;
   }
-  // Compares the peer's outputs (in b.y_peer / b.dx_peer, b.dweight_peer, b.dbias_peer) with ours.
-  auto compare = [&](Impl& p) {
+  // Compares the peer's outputs (in b.y_peer / b.dx_peer, b.dweight_peer, b.dbias_peer) with ours;
+  // other_err: the largest difference of any other output the caller compared.
+  auto compare = [&](Impl& p, double other_err) {
     if (op == Op::backward) {
       p.err = std::max({scaled_diff(b.dx_peer.data(), b.dx_ours.data(), un),
                         scaled_diff(b.dweight_peer.data(), ours_dw.data(), ours_dw.size()),
@@ -274,6 +297,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
     } else {
       p.err = scaled_diff(b.y_peer.data(), b.y_ours.data(), un);
     }
+    p.err = std::max(p.err, other_err);
     p.ok = p.err <= tolerance<T>();
     std::ostringstream os;
     os << (p.ok ? "ok" : "differs") << " (" << p.err << ")";
@@ -302,6 +326,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   std::vector<float> t_rm = b.running_mean, t_rv = b.running_var;
   at::Tensor tw = torch_vec(b.weight), tb = torch_vec(b.bias), trm = torch_vec(t_rm), trv = torch_vec(t_rv);
   try_check(torch, [&] {
+    double running_err = 0;
     if (op != Op::backward) {
       const bool training = op == Op::train;
       auto fwd = [&, training] {
@@ -310,6 +335,9 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       // PyTorch allocates y (and save_mean / save_invstd) per call: what its users pay.
       at::Tensor yl = torch_in_our_layout(std::get<0>(fwd()), cs);
       std::memcpy(b.y_peer.data(), yl.data_ptr(), un * sizeof(T));
+      if (training)  // the running statistics after one update (unbiased variance, momentum 0.1)
+        running_err = std::max(scaled_diff(t_rm.data(), ours_running_mean.data(), t_rm.size()),
+                               scaled_diff(t_rv.data(), ours_running_var.data(), t_rv.size()));
       torch.run = [fwd] { benchmark::DoNotOptimize(fwd()); };
     } else {
       auto f = at::native_batch_norm(tx, tw, tb, trm, trv, true, kMomentum, kEps);
@@ -325,7 +353,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       std::memcpy(b.dbias_peer.data(), db.data_ptr(), C * sizeof(float));
       torch.run = [bwd] { benchmark::DoNotOptimize(bwd()); };
     }
-    compare(torch);
+    compare(torch, running_err);
   });
 #endif
 
@@ -383,7 +411,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       d_prim->execute(dnnl_stream(), d_args);
       dnnl_stream().wait();
     };
-    compare(onednn);
+    compare(onednn, 0);  // oneDNN keeps no running statistics
   });
 #endif
 
@@ -393,6 +421,9 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   std::vector<Impl*> impls{&ours, &copy};
   if (torch.ok) impls.push_back(&torch);
   if (onednn.ok) impls.push_back(&onednn);
+  // The floor of this case: large copies just before and just after its timed loop, so that it
+  // sees the same load from the machine's other tenants as the timed calls.
+  std::vector<double> floor_times = g_large_copy->copy_times(3);
   std::size_t start = 0;
   for (auto _ : state) {
     double t_ours = 0;
@@ -407,12 +438,15 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
     state.SetIterationTime(t_ours);
   }
 
+  for (double t : g_large_copy->copy_times(3)) floor_times.push_back(t);
+  const double memcpy_GBps = LargeCopy::GBps(median(floor_times));
   const double bytes = static_cast<double>(un * sizeof(T)) * (op == Op::backward ? 3 : 2);
   const double m_ours = median(ours.times);
   auto& k = state.counters;
   k["ms"] = m_ours * 1e3;
   k["GBps"] = bytes / m_ours * 1e-9;
-  k["x_floor"] = g_memcpy_GBps > 0 ? m_ours / (bytes / (g_memcpy_GBps * 1e9)) : 0;
+  k["memcpy_GBps"] = memcpy_GBps;
+  k["x_floor"] = m_ours / (bytes / (memcpy_GBps * 1e9));
   k["x_memcpy"] = m_ours / median(copy.times);
   k["x_torch"] = torch.ok ? median(torch.times) / m_ours : 0;
   k["x_onednn"] = onednn.ok ? median(onednn.times) / m_ours : 0;
@@ -422,7 +456,9 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   k["onednn_ok"] = onednn.ok;
   k["torch_err"] = torch.err;
   k["onednn_err"] = onednn.err;
-  k["threads"] = g_threads;
+#ifdef _OPENMP
+  k["omp_threads"] = omp_get_max_threads();
+#endif
   state.SetLabel("torch " + torch.note + "; onednn " + onednn.note);
 }
 
@@ -459,20 +495,13 @@ void register_all() {
   }
 }
 
-// Large copy bandwidth (bytes read + written per second) of a buffer far larger than the
-// caches: the median of 20 copies (the floor), and the fastest one (stated in the context, as
-// a measure of how much the other tenants of the machine slowed the median).
+// Start-up floor: the median of 20 large copies (after one that warms up), and the fastest
+// one (both stated in the context, as a measure of how much the machine's other tenants slowed
+// the median).
 std::pair<double, double> measure_memcpy_GBps() {
-  const std::size_t bytes = std::size_t{256} << 20;
-  std::vector<char> src(bytes, 1), dst(bytes, 0);
-  std::vector<double> t;
-  for (int i = 0; i < 21; ++i) {
-    t.push_back(seconds([&] { std::memcpy(dst.data(), src.data(), bytes); }));
-    benchmark::DoNotOptimize(dst.data());
-  }
-  t.erase(t.begin());  // the first copy faults the pages in
-  const double b = 2.0 * static_cast<double>(bytes) * 1e-9;
-  return {b / median(t), b / *std::min_element(t.begin(), t.end())};
+  g_large_copy->copy_times(1);
+  const auto t = g_large_copy->copy_times(20);
+  return {LargeCopy::GBps(median(t)), LargeCopy::GBps(*std::min_element(t.begin(), t.end()))};
 }
 
 }  // namespace
@@ -485,8 +514,9 @@ int main(int argc, char** argv) {
 #if BN_BENCH_HAVE_TORCH
   at::set_num_threads(g_threads);
 #endif
+  LargeCopy large_copy;
+  g_large_copy = &large_copy;
   const auto [memcpy_median, memcpy_best] = measure_memcpy_GBps();
-  g_memcpy_GBps = memcpy_median;
   register_all();
 
   benchmark::Initialize(&argc, argv);
@@ -499,7 +529,7 @@ int main(int argc, char** argv) {
 #else
   benchmark::AddCustomContext("omp_max_threads", "(bench_cpu built without OpenMP)");
 #endif
-  benchmark::AddCustomContext("memcpy_GBps", std::to_string(g_memcpy_GBps));
+  benchmark::AddCustomContext("memcpy_GBps", std::to_string(memcpy_median));
   benchmark::AddCustomContext("memcpy_best_GBps", std::to_string(memcpy_best));
 #if BN_BENCH_HAVE_TORCH
   benchmark::AddCustomContext("torch", std::string(TORCH_VERSION) + ", at::get_num_threads() = " +

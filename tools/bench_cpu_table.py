@@ -6,8 +6,9 @@ Usage:
   tools/bench_cpu_table.py bench_cpu.json            # markdown on stdout
 
 Ratios are peer time / our time (median of interleaved calls; > 1: we are faster), read from
-the counters x_torch and x_onednn; the floor columns are our time / (minimal bytes / the run's
-memcpy bandwidth), the counter x_floor. A peer that was missing, refused the case or computed
+the counters x_torch and x_onednn; the floor columns are our time / (minimal bytes / memcpy
+bandwidth), the counter x_floor, with the bandwidth of large copies made around each case's timed
+loop (last column: their range over the row's three ops). A peer that was missing, refused the case or computed
 something else is shown as "–" with a note under the table (bench_cpu never times it). With
 --benchmark_repetitions, the "median" aggregate rows are used.
 """
@@ -63,6 +64,9 @@ def main():
         if r is None:
             return "·"
         if r.get("error_occurred"):
+            note = f"{r['name'].replace('/manual_time', '')}: not run: {r.get('error_message', '')}"
+            if note not in notes:
+                notes.append(note)
             return "–"
         if not r.get(f"{peer}_ok"):
             label = r.get("label", "")
@@ -80,7 +84,8 @@ def main():
         return fmt(r["x_floor"], 1) + "×"
 
     print(
-        f"memcpy {float(ctx.get('memcpy_GBps', 'nan')):.1f} GB/s; threads: BN_BENCH_THREADS="
+        f"start-up memcpy {float(ctx.get('memcpy_GBps', 'nan')):.1f} GB/s (best copy "
+        f"{float(ctx.get('memcpy_best_GBps', 'nan')):.1f}); threads: BN_BENCH_THREADS="
         f"{ctx.get('BN_BENCH_THREADS', '?')}, OMP_NUM_THREADS={ctx.get('OMP_NUM_THREADS', '?')}, "
         f"omp_get_max_threads()={ctx.get('omp_max_threads', '?')}; torch {ctx.get('torch', '?')}; "
         f"oneDNN {ctx.get('onednn', '?')}; {ctx.get('host_name', '')} {ctx.get('date', '')}"
@@ -88,16 +93,18 @@ def main():
     print()
     print("| shape | training forward vs PyTorch / oneDNN | backward vs PyTorch / oneDNN "
           "| inference vs PyTorch / oneDNN | training fwd / floor | backward / floor | inference / floor "
-          "| ours: train / backward / infer ms |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ours: train / backward / infer ms | memcpy GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key in order:
         r = rows[key]
-        ms = " / ".join(fmt(r[op]["ms"], 3) if op in r else "·" for op in OPS)
+        ms = " / ".join(fmt(r[op]["ms"], 3) if "ms" in r.get(op, {}) else "·" for op in OPS)
+        bw = [r[op]["memcpy_GBps"] for op in OPS if "memcpy_GBps" in r.get(op, {})]
+        bw = f"{min(bw):.1f}–{max(bw):.1f}" if bw else "·"
         print(f"| {key} | {pair(r.get('train'))} | {pair(r.get('backward'))} | {pair(r.get('infer'))} "
-              f"| {floor(r.get('train'))} | {floor(r.get('backward'))} | {floor(r.get('infer'))} | {ms} |")
+              f"| {floor(r.get('train'))} | {floor(r.get('backward'))} | {floor(r.get('infer'))} | {ms} | {bw} |")
     if notes:
         print()
-        print("Not timed (peer missing, refused or differs from ours):")
+        print("Not timed (peer missing, refused or differs from ours; case not run):")
         for n in notes:
             print(f"- {n}")
 
