@@ -51,6 +51,8 @@ def load(path):
 
 
 def fmt(x, digits=2):
+    if 0 < abs(x) < 0.095:  # small ratios: two significant digits rather than 0.00
+        return f"{x:.2g}"
     return f"{x:.{digits}f}"
 
 
