@@ -104,7 +104,6 @@ double seconds(F&& f) {
 }
 
 // Storage types as doubles: float, or bfloat16 bits (the upper half of a float).
-double as_double(float v) { return v; }
 double as_double(std::uint16_t bf16_bits) {
   const std::uint32_t u = static_cast<std::uint32_t>(bf16_bits) << 16;
   float f;
@@ -471,7 +470,9 @@ void register_all() {
       {"nchw", {{8, 256, 56, 56}, false, true}},
   };
   for (Op op : {Op::train, Op::infer, Op::backward}) {
-    for (const auto& [layout, cs] : cases) {
+    for (const auto& entry : cases) {
+      const std::string& layout = entry.first;
+      const Case cs = entry.second;  // a variable, not a structured binding: lambdas capture it
       const std::string name = std::string(op_name(op)) + "/" + layout + "/" + (cs.bf16 ? "bf16" : "fp32") + "/" +
                                dims_string(cs.dims, "x");
       benchmark::internal::Benchmark* bm = nullptr;
