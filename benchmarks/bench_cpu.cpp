@@ -46,6 +46,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__GLIBC__) || __has_include(<malloc.h>)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -508,6 +511,17 @@ std::pair<double, double> measure_memcpy_GBps() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // libtorch allocates its outputs (y; dx, dweight, dbias) on every call with malloc. glibc
+  // serves a block above its mmap threshold (initially 128 KiB, raised as such blocks are
+  // freed) with fresh pages, faulted in on first touch: then libtorch's time would depend on
+  // which cases ran before in the process (backward on (8,2048,7,7) measured 22.8 ms alone,
+  // 1.7 ms after others). Fixing the thresholds at their ceiling serves every block up to
+  // 32 MiB from a heap that is reused, as in a long-running training process.
+  std::string malloc_setting = "glibc defaults";
+#if defined(M_MMAP_THRESHOLD) && defined(M_TRIM_THRESHOLD)
+  if (mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1)
+    malloc_setting = "mallopt M_MMAP_THRESHOLD = 32 MiB, M_TRIM_THRESHOLD = 1 GiB";
+#endif
   if (const char* e = std::getenv("BN_BENCH_THREADS")) g_threads = std::max(1, std::atoi(e));
 #ifdef _OPENMP
   omp_set_num_threads(g_threads);
@@ -530,6 +544,7 @@ int main(int argc, char** argv) {
 #else
   benchmark::AddCustomContext("omp_max_threads", "(bench_cpu built without OpenMP)");
 #endif
+  benchmark::AddCustomContext("malloc", malloc_setting);
   benchmark::AddCustomContext("memcpy_GBps", std::to_string(memcpy_median));
   benchmark::AddCustomContext("memcpy_best_GBps", std::to_string(memcpy_best));
 #if BN_BENCH_HAVE_TORCH
