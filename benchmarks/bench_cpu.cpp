@@ -3,25 +3,25 @@
 //  - oneDNN (libdnnl-dev): dnnl::batch_normalization_forward / _backward primitives;
 //  - libtorch (libtorch-dev, PyTorch's C++ side): at::native_batch_norm and
 //    at::native_batch_norm_backward on CPU tensors wrapping our buffers;
-//  - std::memcpy of the same buffers, and a large std::memcpy measured at start-up: the
-//    physical floor (x_floor).
+//  - std::memcpy: of x into a same-size buffer (x_memcpy), and of 256 MiB buffers just before
+//    and after each case's timed loop (the physical floor, x_floor).
 // Each peer is first CHECKED to compute what we compute on that shape and op (y, and libtorch's
-// running statistics after a training forward; dx, dweight, dbias for backward) within a stated
-// tolerance; a peer that is missing, refuses the case
-// (throws) or differs is reported in the label and the *_ok counters and is not timed.
+// running statistics after a training forward; dx, dweight, dbias for backward) within a
+// stated tolerance; a peer that is missing, refuses the case (throws) or differs is reported in
+// the label and the *_ok counters and is not timed.
 //
-// Timing: every benchmark iteration calls ours, then each checked peer, then the same-size
-// memcpy, starting from a different one each iteration (interleaved, so drifts in clock speed or
-// in the other tenants' load hit all alike); each call is timed with steady_clock; the
-// reported time (manual time) is ours, and the counters hold per-implementation medians.
+// Timing: every benchmark iteration calls each implementation once (ours, the same-size memcpy,
+// the checked peers) in an order that rotates from one iteration to the next (interleaved, so
+// drifts in clock speed or in the other tenants' load hit all alike); each call is timed with
+// steady_clock; the reported time (manual time) is ours, and the counters hold
+// per-implementation medians.
 //
 // Counters (see benchmarks/README.md): GBps = minimal bytes / our median time, where minimal
 // bytes = forward (training or inference): x read + y written (2 S); backward: x and dy read +
 // dx written (3 S) (S = numel * sizeof(storage type)); x_torch = torch median / ours,
 // x_onednn = oneDNN median / ours (> 1: we are faster); x_floor = our median / (minimal bytes /
-// memcpy_GBps), memcpy_GBps being the (read + write) bandwidth of large (256 MiB) copies made
-// just before and after the case's timed loop;
-// x_memcpy = our median / same-buffers memcpy median.
+// memcpy_GBps), memcpy_GBps being the (read + write) bandwidth of the 256 MiB copies;
+// x_memcpy = our median / same-size memcpy median.
 //
 // Threads: BN_BENCH_THREADS (default 1) sets omp_set_num_threads (ours, oneDNN: Debian's
 // libdnnl uses the GNU OpenMP runtime) and at::set_num_threads (libtorch, also libgomp).
