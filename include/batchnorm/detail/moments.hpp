@@ -114,6 +114,31 @@ BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
 }
 
 /**
+ * @brief One feature of phases::merge_statistics, once every shard's (count, mean, M2) is
+ *        merged in double: its normalization-record entries (mean, invstd), save_mean /
+ *        save_invstd rounded to P, and the running statistics (update_running, unbiased
+ *        variance). The CPU and CUDA merges both call it, so they compute the same formulas.
+ *        Whether to update is the caller's decision for all features at once
+ *        (skip_nonfinite_updates needs every feature's is_finite(finalize(merged))): a null
+ *        @p running_mean means no update. @p merged.count > 0.
+ * @return the feature's statistics, for a running update the caller defers
+ */
+template <class P>
+BN_HOST_DEVICE FeatureStats<double> finalize_merged_feature(const Welford<double>& merged, double eps, double factor,
+                                                            double* record_mean, double* record_invstd,
+                                                            P* running_mean, P* running_var, P* save_mean,
+                                                            P* save_invstd) {
+  const FeatureStats<double> s = finalize(merged);
+  const double invstd = inverse_std(s.biased_var, eps);
+  *record_mean = s.mean;
+  *record_invstd = invstd;
+  if (save_mean) *save_mean = static_cast<P>(s.mean);
+  if (save_invstd) *save_invstd = static_cast<P>(invstd);
+  if (running_mean) update_running(*running_mean, *running_var, s, factor);
+  return s;
+}
+
+/**
  * @brief y = ((x * prescale - pivot) - mean) * scale + bias, the normalization of one
  *        feature: (x − batch mean) · invstd · weight + bias, in a form that stays accurate
  *        and finite for any float data.
