@@ -312,7 +312,7 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
                       "y: expected the same address as x (in place) or no overlap with it, got a partial overlap");
       detail::require(!detail::partially_overlap(z, y, numel), "residual",
                       "residual: expected the same address as y or no overlap with it, got a partial overlap");
-      sync::local_statistics(shape, mode, x, span<double>(block.data + 1, block.size - 1), stream);
+      sync::local_statistics(phase_workspace_, shape, mode, x, span<double>(block.data + 1, block.size - 1), stream);
     });
     sync::set_status(block, static_cast<double>(local.code), local.code == detail::sync::fault::none, stream);
 
@@ -334,7 +334,7 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     config.exponential_average_factor = step.factor;
     config.skip_nonfinite_updates = this->options_.skip_nonfinite_updates;
     try {
-      sync::merge(f, gathered, ranks_, whole(stats_records_), merge, config, stream);
+      sync::merge(phase_workspace_, f, gathered, ranks_, whole(stats_records_), merge, config, stream);
     } catch (const invalid_argument& e) {
       // The same gathered bits on every rank: every rank refuses the same global batch.
       throw invalid_argument("shape", detail::concat(where, ": over all ", ranks_, " ranks (the global batch): ", e.what()));
@@ -350,7 +350,7 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     phases::ElementwiseConfig elementwise;
     elementwise.mode = mode;
     elementwise.activation = activation;
-    sync::normalize(shape, normalize, elementwise, stream);
+    sync::normalize(phase_workspace_, shape, normalize, elementwise, stream);
 
     this->num_batches_tracked_ = step.batches;
     this->saved_ = typename base::Saved{shape, true, activation};
@@ -383,7 +383,7 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
       sums.y = y;
       sums.normalization = whole_const(normalization_);
       sums.gradient_sums = span<double>(block.data + 1, block.size - 1);
-      sync::local_gradient_sums(shape, sums, elementwise, stream);
+      sync::local_gradient_sums(phase_workspace_, shape, sums, elementwise, stream);
     });
     sync::set_status(block, static_cast<double>(local.code), local.code == detail::sync::fault::none, stream);
 
@@ -403,11 +403,12 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     grad.gradient_sums = whole_const(grad_sums_);
     grad.grad_weight = base::feature_span(this->grad_weight_, this->options_.affine);
     grad.grad_bias = base::feature_span(this->grad_bias_, this->options_.affine);
-    sync::input_gradient(shape, grad, elementwise, stream);
+    sync::input_gradient(phase_workspace_, shape, grad, elementwise, stream);
   }
 
   Communicator comm_;
   int ranks_;
+  typename sync::workspace phase_workspace_ = sync::make_workspace();  // the backend's phase scratch
   // Messages and records in the backend's memory, sized once: this rank's block, every rank's
   // blocks, the compacted shard records, the merged normalization record (kept for backward,
   // so that the mean stays in double), and the summed gradient records.

@@ -10,19 +10,24 @@
  * backend memory. A gathered buffer holds `ranks` blocks of `stride` doubles, rank order; each
  * block starts with the status word of its rank (0 = accepted), then the rank's record.
  *
+ *  - workspace, make_workspace(): scratch state the layer owns and passes (by reference) to
+ *    every phase call below; empty for cpu. The CUDA phases take a workspace whose size
+ *    depends on the shape (phases_workspace_size), so the cuda specialization can keep a
+ *    device allocation here that it grows when a call needs more;
  *  - set_status(block, status, payload_written, stream): block[0] = status; when
  *    !payload_written the rest of the block is zeroed (a rank that refused its input still
  *    sends a well-formed block);
- *  - local_statistics(shape, mode, x, statistics, stream): phases::local_statistics;
+ *  - local_statistics(workspace, shape, mode, x, statistics, stream): phases::local_statistics;
  *  - statuses(gathered, ranks, stream) -> std::vector<double>: the ranks' status words on the
  *    host. cpu reads them; a backend that cannot read them without synchronizing the host may
  *    return an empty vector, and then its merge / sum_gradient_records must see the faults on
  *    the device (e.g. poison the normalization record and report at the next synchronizing
  *    call) — see docs/sync_batch_norm.md;
- *  - merge(features, gathered, ranks, records, args, config, stream): copies the ranks'
+ *  - merge(workspace, features, gathered, ranks, records, args, config, stream): copies the ranks'
  *    records (stride 2F + 2) into @p records (ranks × (2F + 1), contiguous) and calls
  *    phases::merge_statistics on them, rank 0 first;
- *  - normalize / local_gradient_sums / input_gradient: the phases;
+ *  - normalize / local_gradient_sums / input_gradient(workspace, shape, args, config, stream):
+ *    the phases;
  *  - sum_gradient_records(features, gathered, ranks, sums, stream): sums[i] = Σ over ranks,
  *    rank 0 first, starting from +0.0, of the ranks' gradient records (stride 2F + 1).
  */
@@ -52,6 +57,8 @@ struct sync_ops {
 template <>
 struct sync_ops<cpu> {
   using stream_type = cpu::stream_type;
+  struct workspace {};
+  static workspace make_workspace() { return {}; }
 
   static void set_status(span<double> block, double status, bool payload_written, stream_type) {
     block[0] = status;
@@ -59,7 +66,7 @@ struct sync_ops<cpu> {
   }
 
   template <class T>
-  static void local_statistics(const Shape& shape, Mode mode, const T* x, span<double> statistics, stream_type) {
+  static void local_statistics(workspace&, const Shape& shape, Mode mode, const T* x, span<double> statistics, stream_type) {
     phases::local_statistics(cpu{}, shape, mode, x, statistics);
   }
 
@@ -71,7 +78,7 @@ struct sync_ops<cpu> {
   }
 
   template <class P>
-  static void merge(std::int64_t features, span<const double> gathered, int ranks, span<double> records,
+  static void merge(workspace&, std::int64_t features, span<const double> gathered, int ranks, span<double> records,
                     phases::MergeArgs<P> args, const phases::MergeConfig& config, stream_type) {
     const std::int64_t record = phases::shard_statistics_size(features);
     for (int r = 0; r < ranks; ++r) {
@@ -84,13 +91,13 @@ struct sync_ops<cpu> {
   }
 
   template <class T>
-  static void normalize(const Shape& shape, const phases::NormalizeArgs<T>& args,
+  static void normalize(workspace&, const Shape& shape, const phases::NormalizeArgs<T>& args,
                         const phases::ElementwiseConfig& config, stream_type) {
     phases::normalize(cpu{}, shape, args, config);
   }
 
   template <class T>
-  static void local_gradient_sums(const Shape& shape, const phases::GradientSumsArgs<T>& args,
+  static void local_gradient_sums(workspace&, const Shape& shape, const phases::GradientSumsArgs<T>& args,
                                   const phases::ElementwiseConfig& config, stream_type) {
     phases::local_gradient_sums(cpu{}, shape, args, config);
   }
@@ -106,7 +113,7 @@ struct sync_ops<cpu> {
   }
 
   template <class T>
-  static void input_gradient(const Shape& shape, const phases::InputGradientArgs<T>& args,
+  static void input_gradient(workspace&, const Shape& shape, const phases::InputGradientArgs<T>& args,
                              const phases::ElementwiseConfig& config, stream_type) {
     phases::input_gradient(cpu{}, shape, args, config);
   }
