@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs, from Debian's archive, what building and running the test suite needs and this
-# machine lacks: CMake, Ninja, g++, GoogleTest, nlohmann-json. Installs nothing when all are
+# machine lacks: CMake, Ninja, g++, GoogleTest, nlohmann-json, OpenMPI (the SyncBatchNorm tests). Installs nothing when all are
 # there. Needs root (or sudo) only when something is missing.
 #
 # The library itself needs none of this beyond CMake and a C++17 compiler; nlohmann-json is
@@ -12,7 +12,7 @@ missing=()
 for tool in cmake:cmake ninja:ninja-build g++:g++; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
-packages=(libgtest-dev nlohmann-json3-dev "$@")
+packages=(libgtest-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin "$@")
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done

@@ -260,7 +260,9 @@ class BatchNorm {
   /// @brief "BatchNorm1d", "BatchNorm2d" or "BatchNorm3d", as used in error messages.
   static std::string name() { return "BatchNorm" + std::to_string(Dims) + "d"; }
 
- private:
+ protected:
+  // Protected, not private: SyncBatchNorm (sync_batch_norm.hpp) is a BatchNorm whose batch
+  // statistics span several processes; it reuses this state and these checks.
   struct Saved {
     Shape shape;
     bool batch_statistics;
@@ -315,15 +317,30 @@ class BatchNorm {
     return present ? span<const E>(b.data(), b.size()) : span<const E>();
   }
 
-  void forward_impl(const T* x, const T* z, T* y, const Shape& shape, Activation activation, stream_type stream) {
-    check_shape(shape);
+  /// What the next forward does: batch or running statistics, the running-stat factor, the
+  /// num_batches_tracked it leaves (committed only when the forward succeeds).
+  struct Step {
+    bool batch_statistics;
+    std::int64_t batches;
+    double factor;
+  };
+  [[nodiscard]] Step next_step() const noexcept {
     const bool tracking = options_.track_running_stats;
-    const bool batch_statistics = training_ || !tracking;
     const bool updates = training_ && tracking;
     // Saturates instead of wrapping at 2^63 - 1 (PyTorch's int64 tensor would wrap negative).
     const bool saturated = num_batches_tracked_ == std::numeric_limits<std::int64_t>::max();
     const std::int64_t batches = updates && !saturated ? num_batches_tracked_ + 1 : num_batches_tracked_;
     const double factor = !updates ? 0.0 : (options_.momentum ? *options_.momentum : 1.0 / static_cast<double>(batches));
+    return {training_ || !tracking, batches, factor};
+  }
+
+  void forward_impl(const T* x, const T* z, T* y, const Shape& shape, Activation activation, stream_type stream) {
+    check_shape(shape);
+    const Step step = next_step();
+    const bool tracking = options_.track_running_stats;
+    const bool batch_statistics = step.batch_statistics;
+    const std::int64_t batches = step.batches;
+    const double factor = step.factor;
 
     ForwardArgs<T> args;
     args.x = x;
@@ -351,8 +368,8 @@ class BatchNorm {
     saved_ = Saved{shape, batch_statistics, activation};
   }
 
-  void backward_impl(const T* x, const T* y, const T* dy, T* dx, T* dz, const Shape& shape,
-                     Activation activation, stream_type stream) {
+  /// State checks of backward / backward_relu: a forward to differentiate, its shape, its activation.
+  void check_backward_call(const Shape& shape, Activation activation) const {
     if (!saved_)
       throw state_error(name() + "::backward: no forward to differentiate (none since construction or "
                                  "load_state); call forward first");
@@ -362,6 +379,11 @@ class BatchNorm {
       throw state_error(name() + (activation == Activation::relu
                                       ? "::backward_relu: the last forward was not fused with relu; call backward"
                                       : "::backward: the last forward was fused with relu; call backward_relu"));
+  }
+
+  void backward_impl(const T* x, const T* y, const T* dy, T* dx, T* dz, const Shape& shape,
+                     Activation activation, stream_type stream) {
+    check_backward_call(shape, activation);
     BackwardArgs<T> args;
     args.x = x;
     args.y = y;
