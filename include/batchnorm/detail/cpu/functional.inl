@@ -87,14 +87,14 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
       stats[f] = detail::finalize(detail::Welford<double>{mean[f], m2[f], n});
       mean[f] = stats[f].mean;
       var[f] = stats[f].biased_var;
-      all_finite = all_finite && detail::is_finite(stats[f]);
+      all_finite = all_finite && detail::is_finite_as<P>(stats[f]);
     }
     if (a.running_mean.data) {
       if (all_finite || !c.skip_nonfinite_updates) {
         for (std::int64_t f = 0; f < features; ++f)
           detail::update_running(a.running_mean[f], a.running_var[f], stats[f], c.exponential_average_factor);
       } else if (a.skipped_updates) {
-        ++*a.skipped_updates;
+        detail::increment_saturating(*a.skipped_updates);
       }
     }
   } else {
