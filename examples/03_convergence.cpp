@@ -35,6 +35,8 @@
 
 #include <batchnorm/batchnorm.hpp>
 
+#include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
+
 #ifndef BATCHNORM_CONVERGENCE_OUT
 #define BATCHNORM_CONVERGENCE_OUT "convergence"  // CMake sets it to <build>/examples/convergence
 #endif
@@ -63,10 +65,15 @@
 
 namespace {
 
-constexpr int kPixels = 64;
-constexpr int kClasses = 10;
+using digits::Dataset;
+using digits::format;
+using digits::kClasses;
+using digits::kPixels;
+using digits::LossResult;
+using digits::Rng;
+using digits::softmax_cross_entropy;
+
 constexpr int kHidden = 64;
-constexpr int kTestCount = 360;
 
 // ---- configuration -------------------------------------------------------------------
 
@@ -135,67 +142,6 @@ Config parse_args(int argc, char** argv) {
   for (double lr : config.learning_rates)
     if (!(lr > 0.0)) throw std::invalid_argument("learning rates must be > 0");
   return config;
-}
-
-// ---- data ------------------------------------------------------------------------------
-
-/// splitmix64: the same numbers on every platform, unlike std:: distributions.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  std::size_t below(std::size_t n) { return static_cast<std::size_t>(uniform() * static_cast<double>(n)); }
-  template <class V>
-  void shuffle(V& v) {  // Fisher-Yates
-    for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[below(i)]);
-  }
-
- private:
-  std::uint64_t state_;
-};
-
-struct Dataset {
-  std::vector<float> x;  // count x 64, row-major, pixels / 16
-  std::vector<int> label;
-  [[nodiscard]] int count() const { return static_cast<int>(label.size()); }
-};
-
-/// Reads rows of 64 pixel values (0..16) and a label (0..9), comma-separated.
-Dataset load_digits(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + path + " (pass --data PATH)");
-  Dataset d;
-  std::string line;
-  int row = 0;
-  while (std::getline(in, line)) {
-    ++row;
-    if (line.empty() || line == "\r") continue;
-    std::stringstream fields(line);
-    std::vector<double> v;
-    for (std::string f; std::getline(fields, f, ',');) v.push_back(std::stod(f));
-    if (v.size() != kPixels + 1 || v.back() < 0 || v.back() > 9 || v.back() != std::floor(v.back()))
-      throw std::runtime_error(path + ":" + std::to_string(row) + ": expected 64 pixels and a label 0..9");
-    for (int p = 0; p < kPixels; ++p) d.x.push_back(static_cast<float>(v[static_cast<std::size_t>(p)] / 16.0));
-    d.label.push_back(static_cast<int>(v.back()));
-  }
-  if (d.count() <= kTestCount) throw std::runtime_error(path + ": too few rows");
-  return d;
-}
-
-Dataset subset(const Dataset& d, const std::vector<int>& rows) {
-  Dataset s;
-  for (int r : rows) {
-    const auto begin = d.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels;
-    s.x.insert(s.x.end(), begin, begin + kPixels);
-    s.label.push_back(d.label[static_cast<std::size_t>(r)]);
-  }
-  return s;
 }
 
 // ---- the network -----------------------------------------------------------------------
@@ -331,37 +277,6 @@ class Network {
   std::vector<float> da1_, dn1_, dz1_, da2_, dn2_, dz2_;
 };
 
-/// Mean softmax cross-entropy of a batch, number of correct argmax predictions, and (when
-/// @p dlogits is given) the gradient of the mean loss w.r.t. the logits.
-struct LossResult {
-  double loss;
-  int correct;
-};
-
-LossResult softmax_cross_entropy(const std::vector<float>& logits, const int* labels, int rows,
-                                 std::vector<float>* dlogits) {
-  double total = 0.0;
-  int correct = 0;
-  if (dlogits) dlogits->resize(logits.size());
-  for (int n = 0; n < rows; ++n) {
-    const float* z = &logits[static_cast<std::size_t>(n) * kClasses];
-    const int label = labels[n];
-    const int predicted = static_cast<int>(std::max_element(z, z + kClasses) - z);
-    correct += predicted == label ? 1 : 0;
-    const double top = z[predicted];
-    double sum = 0.0;
-    for (int k = 0; k < kClasses; ++k) sum += std::exp(static_cast<double>(z[k]) - top);
-    total += std::log(sum) + top - static_cast<double>(z[label]);  // -log softmax(z)[label]
-    if (dlogits)
-      for (int k = 0; k < kClasses; ++k) {
-        const double p = std::exp(static_cast<double>(z[k]) - top) / sum;
-        (*dlogits)[static_cast<std::size_t>(n) * kClasses + static_cast<std::size_t>(k)] =
-            static_cast<float>((p - (k == label ? 1.0 : 0.0)) / rows);
-      }
-  }
-  return {total / rows, correct};
-}
-
 // ---- training ------------------------------------------------------------------------
 
 struct EpochRecord {
@@ -436,14 +351,6 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
 }
 
 // ---- output ----------------------------------------------------------------------------
-
-std::string format(double v, const char* spec = "%.6g") {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, spec, v);
-  return buf;
-}
 
 void write_csv(const std::string& path, const std::vector<RunResult>& runs) {
   std::ofstream out(path);
@@ -622,13 +529,8 @@ class SvgPlot {
 // ---- main ------------------------------------------------------------------------------
 
 int run(const Config& config) {
-  const Dataset all = load_digits(config.data);
-  std::vector<int> order(static_cast<std::size_t>(all.count()));
-  std::iota(order.begin(), order.end(), 0);
-  Rng split(12345);  // fixed split, whatever --seed says
-  split.shuffle(order);
-  const Dataset test_set = subset(all, std::vector<int>(order.begin(), order.begin() + kTestCount));
-  const Dataset train_set = subset(all, std::vector<int>(order.begin() + kTestCount, order.end()));
+  const Dataset all = digits::load_digits(config.data);
+  const auto [train_set, test_set] = digits::train_test_split(all);
 
   std::printf("digits: %d images from %s; %d for training, %d for testing\n", all.count(), config.data.c_str(),
               train_set.count(), test_set.count());

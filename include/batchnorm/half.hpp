@@ -26,7 +26,7 @@
 
 #if defined(__has_include)
 #if !__has_include(<cuda_fp16.h>) || !__has_include(<cuda_bf16.h>)
-#error "batchnorm/half.hpp needs <cuda_fp16.h> and <cuda_bf16.h>: add the CUDA toolkit's include directory (CMake: target_include_directories(<target> SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS}))"
+#error "batchnorm/half.hpp needs <cuda_fp16.h> and <cuda_bf16.h> from the CUDA toolkit; CMake: find_package(batchnorm CONFIG REQUIRED COMPONENTS half) and link batchnorm::half"
 #endif
 #endif
 

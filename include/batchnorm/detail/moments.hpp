@@ -122,7 +122,8 @@ BN_HOST_DEVICE bool is_finite_as(const FeatureStats<Acc>& s) {
          std::isfinite(static_cast<P>(s.unbiased_var));
 }
 
-/// is_finite_as() where the running stats have the accumulator's type (the CUDA kernels).
+/// is_finite_as() where the running stats have the accumulator's type (the CUDA forward kernels,
+/// Acc = P). Statistics accumulated in double for float running stats need is_finite_as<P>.
 template <class Acc>
 BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
   return is_finite_as<Acc>(s);
@@ -131,6 +132,31 @@ BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
 /// Adds one to a caller's counter, saturating at 2^63 - 1 instead of overflowing (undefined).
 BN_HOST_DEVICE void increment_saturating(std::int64_t& counter) {
   if (counter < INT64_MAX) ++counter;
+}
+
+/**
+ * @brief One feature of phases::merge_statistics, once every shard's (count, mean, M2) is
+ *        merged in double: its normalization-record entries (mean, invstd), save_mean /
+ *        save_invstd rounded to P, and the running statistics (update_running, unbiased
+ *        variance). The CPU and CUDA merges both call it, so they compute the same formulas.
+ *        Whether to update is the caller's decision for all features at once
+ *        (skip_nonfinite_updates needs every feature's is_finite_as<P>(finalize(merged))): a null
+ *        @p running_mean means no update. @p merged.count > 0.
+ * @return the feature's statistics, for a running update the caller defers
+ */
+template <class P>
+BN_HOST_DEVICE FeatureStats<double> finalize_merged_feature(const Welford<double>& merged, double eps, double factor,
+                                                            double* record_mean, double* record_invstd,
+                                                            P* running_mean, P* running_var, P* save_mean,
+                                                            P* save_invstd) {
+  const FeatureStats<double> s = finalize(merged);
+  const double invstd = inverse_std(s.biased_var, eps);
+  *record_mean = s.mean;
+  *record_invstd = invstd;
+  if (save_mean) *save_mean = static_cast<P>(s.mean);
+  if (save_invstd) *save_invstd = static_cast<P>(invstd);
+  if (running_mean) update_running(*running_mean, *running_var, s, factor);
+  return s;
 }
 
 /**
