@@ -5,6 +5,7 @@
 
 #include <batchnorm/batchnorm.hpp>
 #include <batchnorm/io/safetensors.hpp>
+#include <batchnorm/phases.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -332,6 +333,28 @@ TEST(Reliability, SkipNonfiniteUpdatesJudgesTheValuesAsStored) {
   EXPECT_TRUE(std::isfinite(wide.state().running_var[0]));
   EXPECT_GT(wide.state().running_var[0], 1e58);
   EXPECT_EQ(wide.nonfinite_batches_skipped(), 0);
+}
+
+// Item 7 and 9, same class: SyncBatchNorm's merge (phases::merge_statistics) judges and counts alike.
+TEST(Reliability, PhasesMergeJudgesAsStoredAndSaturates) {
+  // One shard of 4 values with mean 0 and M2 = 4e60: finite in double, +inf as a float.
+  const std::vector<double> record = {4.0, 0.0, 4e60};
+  std::vector<double> normalization(3);
+  std::vector<float> rm(1, 0.0f), rv(1, 1.0f);
+  std::int64_t skipped = std::numeric_limits<std::int64_t>::max() - 1;
+  bn::phases::MergeArgs<float> a;
+  a.shard_statistics = {record.data(), 3};
+  a.normalization = normalization;
+  a.running_mean = rm;
+  a.running_var = rv;
+  a.skipped_updates = &skipped;
+  bn::phases::MergeConfig c;
+  c.skip_nonfinite_updates = true;
+  bn::phases::merge_statistics(bn::cpu{}, 1, a, c);
+  EXPECT_EQ(rv[0], 1.0f);
+  EXPECT_EQ(skipped, std::numeric_limits<std::int64_t>::max());
+  bn::phases::merge_statistics(bn::cpu{}, 1, a, c);
+  EXPECT_EQ(skipped, std::numeric_limits<std::int64_t>::max());
 }
 
 // Item 8: a corrupt file was reported as an I/O error by the file API.
