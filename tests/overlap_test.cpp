@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <batchnorm/batchnorm.hpp>
+#include <batchnorm/phases.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -297,6 +298,31 @@ TEST(Overlap, LayerBackwardReluRejectsDzOverX) {
                  "x", x);
   EXPECT_EQ(layer.gradients().grad_weight, std::vector<float>(C, 0.0f));
   EXPECT_EQ(layer.state().running_mean, state.running_mean);
+}
+
+TEST(Overlap, PhasesUseTheSameRule) {
+  namespace phases = bn::phases;
+  std::vector<float> memory = values(3 * numel + 2 * C, 5);
+  std::vector<double> normalization(static_cast<std::size_t>(phases::normalization_size(C)), 1.0),
+      sums(static_cast<std::size_t>(phases::gradient_sums_size(C)), 0.5);
+  float* x = memory.data();
+  float* y = memory.data() + numel;
+  phases::NormalizeArgs<float> n;
+  n.x = x;
+  n.y = y;
+  n.weight = {y + 3, C};  // read while y is written
+  n.bias = {memory.data() + 3 * numel, C};
+  n.normalization = normalization;
+  expect_overlap([&] { phases::normalize(bn::cpu{}, shape, n, phases::ElementwiseConfig{}); }, "y", "weight", memory);
+  phases::InputGradientArgs<float> g;
+  g.x = x;
+  g.dy = y;
+  g.dx = memory.data() + 2 * numel;
+  g.dresidual = x;  // written over x, which the same call reads
+  g.normalization = normalization;
+  g.gradient_sums = sums;
+  expect_overlap([&] { phases::input_gradient(bn::cpu{}, shape, g, phases::ElementwiseConfig{}); }, "dresidual", "x",
+                 memory);
 }
 
 }  // namespace
