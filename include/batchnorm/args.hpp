@@ -22,7 +22,7 @@ template <class T>
 struct ForwardArgs {
   using P = param_t<T>;
   const T* x = nullptr;  ///< input, `shape.numel()` elements in `shape.layout()`
-  T* y = nullptr;        ///< output, same shape; may equal x (in place), must not partially overlap it
+  T* y = nullptr;        ///< output, same shape; may equal x or residual (in place), must overlap nothing else
   span<const P> weight;  ///< scale (absent: 1); weight and bias are both present or both absent
   span<const P> bias;    ///< shift (absent: 0)
   span<P> running_mean;  ///< running statistics (absent: not tracked); both or neither
@@ -32,7 +32,9 @@ struct ForwardArgs {
   const T* residual = nullptr;  ///< optional z of the fused `y = act(bn(x) + z)`, same shape as x
   /// Optional counter (one int64 in the backend's memory), incremented when the running
   /// stats update is skipped because ForwardConfig::skip_nonfinite_updates found
-  /// non-finite batch statistics. On CUDA it is updated on the device, so no sync is needed.
+  /// non-finite batch statistics (non-finite once rounded to P, the type they are stored
+  /// in). On CUDA it is updated on the device, so no sync is needed. On the CPU it saturates
+  /// at 2^63 - 1.
   std::int64_t* skipped_updates = nullptr;
 };
 
@@ -66,9 +68,9 @@ struct BackwardArgs {
   using P = param_t<T>;
   const T* x = nullptr;        ///< forward input
   const T* dy = nullptr;       ///< gradient of the loss w.r.t. the forward output
-  T* dx = nullptr;             ///< optional output; may equal dy, must not partially overlap it
+  T* dx = nullptr;             ///< optional output; may equal dy or x, must overlap nothing else
   const T* y = nullptr;        ///< forward output; required with a fused relu (its mask)
-  T* dresidual = nullptr;      ///< optional output: gradient w.r.t. the fused residual z
+  T* dresidual = nullptr;      ///< optional output: gradient w.r.t. the fused residual z; may equal dy
   span<const P> weight;        ///< as in forward (absent: 1)
   span<const P> mean;          ///< saved mean
   span<const P> invstd;        ///< saved inverse std

@@ -6,6 +6,7 @@
  */
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -23,6 +24,22 @@
 #include "types.hpp"
 
 namespace batchnorm {
+
+namespace detail {
+/// True in a live object, false in one moved from (set by its move, restored by a move into it).
+struct live_flag {
+  bool live = true;
+  live_flag() = default;
+  live_flag(live_flag&& o) noexcept : live(std::exchange(o.live, false)) {}
+  live_flag& operator=(live_flag&& o) noexcept {
+    const bool incoming = std::exchange(o.live, false);
+    live = incoming;
+    return *this;
+  }
+  live_flag(const live_flag&) = delete;
+  live_flag& operator=(const live_flag&) = delete;
+};
+}  // namespace detail
 
 /**
  * @brief Batch Normalization over a (N, C, spatial...) input, with PyTorch's semantics.
@@ -61,6 +78,12 @@ namespace batchnorm {
  *       running statistics) and give wrong results. Distinct instances may run on different
  *       streams at once and may share input tensors. Reading results (`y`, `dx`, the raw
  *       buffers) from another stream also needs that stream to wait for the call's stream.
+ * @note Moved-from layers: a layer whose contents were moved into another owns no buffers.
+ *       Every call that needs them (forward, backward, zero_grad, state, load_state,
+ *       gradients, nonfinite_batches_skipped) throws batchnorm::state_error, the raw buffer
+ *       accessors return nullptr, and the configuration queries (num_features, options,
+ *       train/eval, num_batches_tracked, name) keep answering. Moving a layer into it makes
+ *       it usable again.
  */
 template <class T, int Dims, class Backend = cuda>
 class BatchNorm {
@@ -79,8 +102,12 @@ class BatchNorm {
    * @brief Creates the layer with weight 1, bias 0, running_mean 0, running_var 1 and
    *        num_batches_tracked 0 (buffers only where the options ask for them).
    * @param num_features C (per_channel) or C * spatial (per_activation)
-   * @throws batchnorm::invalid_argument for num_features < 1, eps not > 0, or momentum
-   *         outside [0, 1]
+   * @param options see Options
+   * @throws batchnorm::invalid_argument for num_features < 1 or larger than an array of
+   *         param_type can be (PTRDIFF_MAX / sizeof(param_type)), eps not > 0, momentum
+   *         outside [0, 1], or a mode that is not a Mode enumerator
+   * @throws std::bad_alloc when the host cannot hold the buffers (cpu backend);
+   *         batchnorm::cuda_error when the device cannot (cuda backend)
    */
   explicit BatchNorm(std::int64_t num_features, const Options& options = {})
       : num_features_(checked_features(num_features)),
@@ -125,7 +152,9 @@ class BatchNorm {
    * @param stream CUDA stream (cuda backend); ignored on cpu
    * @throws batchnorm::invalid_argument on a wrong rank, a channel count other than
    *         num_features, a single value per feature in training, null or partially
-   *         overlapping pointers. Nothing is changed when it throws.
+   *         overlapping pointers (the overlap table is in docs/errors.md), an enum value
+   *         that names no enumerator. Nothing is changed when it throws.
+   * @throws batchnorm::state_error on a moved-from layer
    * @throws batchnorm::cuda_error when a CUDA call or launch fails. Arguments are checked
    *         before any launch, so this means a broken device or context: the layer's device
    *         buffers are then in an unknown state.
@@ -152,9 +181,11 @@ class BatchNorm {
    * Uses the mean and inverse std the last forward saved: batch statistics after a training
    * forward (or an eval forward without running stats), running statistics after an eval
    * forward. @p x must be that forward's input and @p shape its shape.
-   * @throws batchnorm::state_error when there was no forward since construction or load_state
-   * @throws batchnorm::invalid_argument when @p shape differs from the forward's, or for a
-   *         null or partially overlapping pointer (dx may equal dy)
+   * @throws batchnorm::state_error when there was no forward since construction or load_state,
+   *         or on a moved-from layer
+   * @throws batchnorm::invalid_argument when @p shape differs from the forward's (a shape
+   *         with the same extents whose layout does not change the memory order, e.g. rank 2,
+   *         is the same), or for a null or overlapping pointer (dx may equal dy or x)
    * @note Stream-ordered on cuda.
    */
   void backward(const T* x, const T* dy, T* dx, const Shape& shape, stream_type stream = stream_type{}) {
@@ -173,7 +204,9 @@ class BatchNorm {
   }
 
   /// @brief Sets grad_weight and grad_bias to zero. @note Stream-ordered on cuda.
+  /// @throws batchnorm::state_error on a moved-from layer
   void zero_grad(stream_type stream = stream_type{}) {
+    check_live("zero_grad");
     if (options_.affine) {
       grad_weight_.fill_zero(stream);
       grad_bias_.fill_zero(stream);
@@ -182,9 +215,11 @@ class BatchNorm {
 
   /**
    * @brief Host copies of weight, bias, running_mean, running_var, num_batches_tracked.
+   * @throws batchnorm::state_error on a moved-from layer
    * @note Synchronizes the device (cuda backend).
    */
   [[nodiscard]] State<param_type> state() const {
+    check_live("state");
     State<param_type> s;
     if (options_.affine) {
       s.weight = weight_.to_host();
@@ -202,9 +237,11 @@ class BatchNorm {
    * @brief Replaces the state. Vectors must have num_features entries where the layer has
    *        that tensor and be empty where it has not; num_batches_tracked must be >= 0.
    * @throws batchnorm::invalid_argument naming the first mismatching member; nothing changes.
+   * @throws batchnorm::state_error on a moved-from layer
    * @note Synchronizes the device (cuda backend). Forgets the statistics saved for backward.
    */
   void load_state(const State<param_type>& s) {
+    check_live("load_state");
     check_member(s.weight, "weight", options_.affine);
     check_member(s.bias, "bias", options_.affine);
     check_member(s.running_mean, "running_mean", options_.track_running_stats);
@@ -225,9 +262,11 @@ class BatchNorm {
 
   /**
    * @brief Host copies of grad_weight / grad_bias (empty when not affine).
+   * @throws batchnorm::state_error on a moved-from layer
    * @note Synchronizes the device (cuda backend).
    */
   [[nodiscard]] Gradients<param_type> gradients() const {
+    check_live("gradients");
     Gradients<param_type> g;
     if (options_.affine) {
       g.grad_weight = grad_weight_.to_host();
@@ -238,23 +277,28 @@ class BatchNorm {
 
   /**
    * @brief Training batches whose running-stat update was skipped because their statistics
-   *        were not finite (only with Options::skip_nonfinite_updates).
+   *        were not finite (only with Options::skip_nonfinite_updates); saturates at 2^63 - 1.
+   * @throws batchnorm::state_error on a moved-from layer
    * @note Synchronizes the device (cuda backend).
    */
-  [[nodiscard]] std::int64_t nonfinite_batches_skipped() const { return skipped_updates_.to_host()[0]; }
+  [[nodiscard]] std::int64_t nonfinite_batches_skipped() const {
+    check_live("nonfinite_batches_skipped");
+    return skipped_updates_.to_host()[0];
+  }
 
   /// @name Raw buffers in the backend's memory (nullptr where the layer has none), for
-  ///       optimizers and interop. Writes through them are the caller's to order.
+  ///       optimizers and interop (nullptr in a moved-from layer too). Writes through them are
+  ///       the caller's to order.
   /// @{
-  param_type* weight_data() noexcept { return options_.affine ? weight_.data() : nullptr; }
-  param_type* bias_data() noexcept { return options_.affine ? bias_.data() : nullptr; }
-  param_type* running_mean_data() noexcept { return options_.track_running_stats ? running_mean_.data() : nullptr; }
-  param_type* running_var_data() noexcept { return options_.track_running_stats ? running_var_.data() : nullptr; }
-  const param_type* grad_weight_data() const noexcept { return options_.affine ? grad_weight_.data() : nullptr; }
-  const param_type* grad_bias_data() const noexcept { return options_.affine ? grad_bias_.data() : nullptr; }
+  param_type* weight_data() noexcept { return has(options_.affine) ? weight_.data() : nullptr; }
+  param_type* bias_data() noexcept { return has(options_.affine) ? bias_.data() : nullptr; }
+  param_type* running_mean_data() noexcept { return has(options_.track_running_stats) ? running_mean_.data() : nullptr; }
+  param_type* running_var_data() noexcept { return has(options_.track_running_stats) ? running_var_.data() : nullptr; }
+  const param_type* grad_weight_data() const noexcept { return has(options_.affine) ? grad_weight_.data() : nullptr; }
+  const param_type* grad_bias_data() const noexcept { return has(options_.affine) ? grad_bias_.data() : nullptr; }
   /// Mean and inverse std the last forward used (PyTorch's save_mean / save_invstd).
-  const param_type* save_mean_data() const noexcept { return save_mean_.data(); }
-  const param_type* save_invstd_data() const noexcept { return save_invstd_.data(); }
+  const param_type* save_mean_data() const noexcept { return has(true) ? save_mean_.data() : nullptr; }
+  const param_type* save_invstd_data() const noexcept { return has(true) ? save_invstd_.data() : nullptr; }
   /// @}
 
   /// @brief "BatchNorm1d", "BatchNorm2d" or "BatchNorm3d", as used in error messages.
@@ -269,12 +313,28 @@ class BatchNorm {
     Activation activation;
   };
 
+  /// Largest num_features whose buffers have a representable size in bytes (the bound of
+  /// std::vector<param_type>::max_size()): beyond it allocation would fail with length_error.
+  static constexpr std::int64_t max_features =
+      static_cast<std::int64_t>(std::numeric_limits<std::ptrdiff_t>::max() / sizeof(param_type));
+
   static std::int64_t checked_features(std::int64_t n) {
     detail::require(n >= 1, "num_features", name(), ": num_features: expected a value >= 1, got ", n);
+    detail::require(n <= max_features, "num_features", name(), ": num_features: expected a value <= ", max_features,
+                    " (the most elements of ", sizeof(param_type), " bytes an array can hold), got ", n);
     return n;
   }
 
+  /// A layer moved from has no buffers: calls that need them say so instead of reading null.
+  void check_live(const char* function) const {
+    if (!live_.live)
+      throw state_error(name() + "::" + function + ": this layer was moved from (it owns no buffers); "
+                                                   "move or assign a layer into it before using it");
+  }
+  [[nodiscard]] bool has(bool member_exists) const noexcept { return live_.live && member_exists; }
+
   static Options checked_options(const Options& o) {
+    detail::check_mode(o.mode, "options.mode");
     detail::check_eps(o.eps);
     if (o.momentum) detail::check_momentum(*o.momentum);
     return o;
@@ -335,6 +395,7 @@ class BatchNorm {
   }
 
   void forward_impl(const T* x, const T* z, T* y, const Shape& shape, Activation activation, stream_type stream) {
+    check_live(activation == Activation::relu ? "forward_relu" : "forward");
     check_shape(shape);
     const Step step = next_step();
     const bool tracking = options_.track_running_stats;
@@ -373,8 +434,9 @@ class BatchNorm {
     if (!saved_)
       throw state_error(name() + "::backward: no forward to differentiate (none since construction or "
                                  "load_state); call forward first");
-    detail::require(shape == saved_->shape, "shape", name(), "::backward: expected the shape of the last forward ",
-                    saved_->shape, ", got ", shape);
+    // Any spelling of the same memory is the same tensor (e.g. a rank-2 shape in either layout).
+    detail::require(detail::same_memory_order(shape, saved_->shape), "shape", name(),
+                    "::backward: expected the shape of the last forward ", saved_->shape, ", got ", shape);
     if (saved_->activation != activation)
       throw state_error(name() + (activation == Activation::relu
                                       ? "::backward_relu: the last forward was not fused with relu; call backward"
@@ -383,6 +445,7 @@ class BatchNorm {
 
   void backward_impl(const T* x, const T* y, const T* dy, T* dx, T* dz, const Shape& shape,
                      Activation activation, stream_type stream) {
+    check_live(activation == Activation::relu ? "backward_relu" : "backward");
     check_backward_call(shape, activation);
     BackwardArgs<T> args;
     args.x = x;
@@ -404,6 +467,7 @@ class BatchNorm {
     ops::backward(shape, args, config, workspace_, stream);
   }
 
+  detail::live_flag live_;  // first: set before, and moved before, the buffers
   std::int64_t num_features_;
   Options options_;
   typename ops::workspace workspace_;

@@ -8,10 +8,12 @@
  */
 #pragma once
 
+#include <charconv>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace batchnorm {
@@ -73,11 +75,25 @@ class format_error : public std::runtime_error {
 
 namespace detail {
 
+/// Streams one part of a message. Floating-point values are written in the shortest form
+/// that reads back as the same value (std::to_chars), so that a rejected value is never shown
+/// as an accepted one (`nextafter(1, 2)` is "1.0000000000000002", not the stream's "1").
+template <class Part>
+void put_part(std::ostream& os, const Part& part) {
+  if constexpr (std::is_floating_point_v<Part>) {
+    char text[64];
+    const auto end = std::to_chars(text, text + sizeof text, part).ptr;
+    os.write(text, end - text);
+  } else {
+    os << part;
+  }
+}
+
 /// Builds a message from stream-able parts: `concat("expected ", 4, ", got ", 3)`.
 template <class... Parts>
 std::string concat(const Parts&... parts) {
   std::ostringstream os;
-  (os << ... << parts);
+  (put_part(os, parts), ...);
   return os.str();
 }
 

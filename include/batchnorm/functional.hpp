@@ -9,6 +9,10 @@
  *
  * Every call validates all of its arguments before it writes anything, and throws
  * batchnorm::invalid_argument naming the argument, the value expected and the value given.
+ * That includes enum values that name no enumerator, and overlapping buffers: no buffer the
+ * call writes may share a byte with another buffer of the call, except y == x, y == residual
+ * (forward), dx == dy, dx == x and dresidual == dy (backward) at exactly the same address
+ * (the table is in docs/errors.md).
  */
 #pragma once
 
@@ -25,14 +29,18 @@ namespace batchnorm {
  * @param shape  extents and layout of x and y
  * @param args   pointers; see ForwardArgs
  * @param config scalars; see ForwardConfig
- * @throws batchnorm::invalid_argument for any bad argument, before anything is written
+ * @throws batchnorm::invalid_argument for any bad argument (null or overlapping buffers, sizes,
+ *         eps, factor, enum values), before anything is written
+ * @throws std::bad_alloc when the per-feature scratch cannot be allocated (nothing written)
  */
 template <class T>
 void forward(cpu, const Shape& shape, const ForwardArgs<T>& args, const ForwardConfig& config);
 
 /**
  * @brief Backward on the CPU backend (host pointers, double accumulation, synchronous).
- * @throws batchnorm::invalid_argument for any bad argument, before anything is written
+ * @throws batchnorm::invalid_argument for any bad argument (null or overlapping buffers, sizes,
+ *         enum values), before anything is written
+ * @throws std::bad_alloc when the per-feature scratch cannot be allocated (nothing written)
  */
 template <class T>
 void backward(cpu, const Shape& shape, const BackwardArgs<T>& args, const BackwardConfig& config);

@@ -303,15 +303,24 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     const std::int64_t f = this->num_features_;
     span<double> block = whole(stats_block_);
 
+    // The arguments of the last phase are known now: checked before the collective, with the
+    // phase's own checks, so that a rank refuses before any rank changes anything.
+    phases::NormalizeArgs<T> normalize;
+    normalize.x = x;
+    normalize.y = y;
+    normalize.residual = z;
+    normalize.weight = base::feature_span(std::as_const(this->weight_), this->options_.affine);
+    normalize.bias = base::feature_span(std::as_const(this->bias_), this->options_.affine);
+    normalize.normalization = whole_const(normalization_);
+    phases::ElementwiseConfig elementwise;
+    elementwise.mode = mode;
+    elementwise.activation = activation;
+
     // 1. Everything this rank could refuse, before any rank changes anything.
     const detail::sync::LocalFault local = detail::sync::attempt([&] {
+      this->check_live(activation == Activation::relu ? "forward_relu" : "forward");
       this->check_shape(shape);
-      const std::int64_t numel = shape.numel();
-      detail::check_pointer(y, "y", numel);
-      detail::require(!detail::partially_overlap(x, y, numel), "y",
-                      "y: expected the same address as x (in place) or no overlap with it, got a partial overlap");
-      detail::require(!detail::partially_overlap(z, y, numel), "residual",
-                      "residual: expected the same address as y or no overlap with it, got a partial overlap");
+      detail::phase_checks::check_normalize(shape, normalize, elementwise, phases::normalization_size(f));
       sync::local_statistics(phase_workspace_, shape, mode, x, span<double>(block.data + 1, block.size - 1), stream);
     });
     sync::set_status(block, static_cast<double>(local.code), local.code == detail::sync::fault::none, stream);
@@ -340,16 +349,6 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
       throw invalid_argument("shape", detail::concat(where, ": over all ", ranks_, " ranks (the global batch): ", e.what()));
     }
 
-    phases::NormalizeArgs<T> normalize;
-    normalize.x = x;
-    normalize.y = y;
-    normalize.residual = z;
-    normalize.weight = base::feature_span(std::as_const(this->weight_), this->options_.affine);
-    normalize.bias = base::feature_span(std::as_const(this->bias_), this->options_.affine);
-    normalize.normalization = whole_const(normalization_);
-    phases::ElementwiseConfig elementwise;
-    elementwise.mode = mode;
-    elementwise.activation = activation;
     sync::normalize(phase_workspace_, shape, normalize, elementwise, stream);
 
     this->num_batches_tracked_ = step.batches;
@@ -370,13 +369,23 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     elementwise.activation = activation;
     elementwise.accumulate = this->options_.accumulate_gradients;
 
+    phases::InputGradientArgs<T> grad;
+    grad.x = x;
+    grad.dy = dy;
+    grad.y = y;
+    grad.dx = dx;
+    grad.dresidual = dz;
+    grad.weight = base::feature_span(std::as_const(this->weight_), this->options_.affine);
+    grad.normalization = whole_const(normalization_);
+    grad.gradient_sums = whole_const(grad_sums_);
+    grad.grad_weight = base::feature_span(this->grad_weight_, this->options_.affine);
+    grad.grad_bias = base::feature_span(this->grad_bias_, this->options_.affine);
+
     const detail::sync::LocalFault local = detail::sync::attempt([&] {
+      this->check_live(activation == Activation::relu ? "backward_relu" : "backward");
       this->check_backward_call(shape, activation);
-      const std::int64_t numel = shape.numel();
-      detail::require(!detail::partially_overlap(dx, dy, numel) && !detail::partially_overlap(dx, x, numel), "dx",
-                      "dx: expected the same address as dy or x, or no overlap with them, got a partial overlap");
-      detail::require(!detail::partially_overlap(dz, dy, numel), "dresidual",
-                      "dresidual: expected the same address as dy or no overlap with it, got a partial overlap");
+      detail::phase_checks::check_input_gradient(shape, grad, elementwise, phases::normalization_size(f),
+                                                 phases::gradient_sums_size(f));
       phases::GradientSumsArgs<T> sums;
       sums.x = x;
       sums.dy = dy;
@@ -392,17 +401,6 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     detail::sync::throw_if_any_fault(sync::statuses(gathered, ranks_, stream), local, comm_.rank(), where);
     sync::sum_gradient_records(f, gathered, ranks_, whole(grad_sums_), stream);
 
-    phases::InputGradientArgs<T> grad;
-    grad.x = x;
-    grad.dy = dy;
-    grad.y = y;
-    grad.dx = dx;
-    grad.dresidual = dz;
-    grad.weight = base::feature_span(std::as_const(this->weight_), this->options_.affine);
-    grad.normalization = whole_const(normalization_);
-    grad.gradient_sums = whole_const(grad_sums_);
-    grad.grad_weight = base::feature_span(this->grad_weight_, this->options_.affine);
-    grad.grad_bias = base::feature_span(this->grad_bias_, this->options_.affine);
     sync::input_gradient(phase_workspace_, shape, grad, elementwise, stream);
   }
 

@@ -107,10 +107,31 @@ BN_HOST_DEVICE void update_running(P& running_mean, P& running_var, const Featur
   running_var = static_cast<P>(f * s.unbiased_var + (Acc(1) - f) * static_cast<Acc>(running_var));
 }
 
-/// True when the statistics can be folded into running stats without poisoning them.
+/**
+ * @brief True when the statistics can be folded into running stats of type @p P without
+ *        poisoning them: finite once rounded to P, the type update_running() stores.
+ *
+ * Checking in the accumulator type alone is not enough: a float batch {1e30, -1e30, ...}
+ * has a variance that is finite in double and +inf in float. Finite in P suffices: the
+ * update is a convex combination (factor in [0, 1]) of the running value and the statistic,
+ * both below P's rounding threshold to infinity, so the stored value is finite too.
+ */
+template <class P, class Acc>
+BN_HOST_DEVICE bool is_finite_as(const FeatureStats<Acc>& s) {
+  return std::isfinite(static_cast<P>(s.mean)) && std::isfinite(static_cast<P>(s.biased_var)) &&
+         std::isfinite(static_cast<P>(s.unbiased_var));
+}
+
+/// is_finite_as() where the running stats have the accumulator's type (the CUDA forward kernels,
+/// Acc = P). Statistics accumulated in double for float running stats need is_finite_as<P>.
 template <class Acc>
 BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
-  return std::isfinite(s.mean) && std::isfinite(s.biased_var) && std::isfinite(s.unbiased_var);
+  return is_finite_as<Acc>(s);
+}
+
+/// Adds one to a caller's counter, saturating at 2^63 - 1 instead of overflowing (undefined).
+BN_HOST_DEVICE void increment_saturating(std::int64_t& counter) {
+  if (counter < INT64_MAX) ++counter;
 }
 
 /**
@@ -119,7 +140,7 @@ BN_HOST_DEVICE bool is_finite(const FeatureStats<Acc>& s) {
  *        save_invstd rounded to P, and the running statistics (update_running, unbiased
  *        variance). The CPU and CUDA merges both call it, so they compute the same formulas.
  *        Whether to update is the caller's decision for all features at once
- *        (skip_nonfinite_updates needs every feature's is_finite(finalize(merged))): a null
+ *        (skip_nonfinite_updates needs every feature's is_finite_as<P>(finalize(merged))): a null
  *        @p running_mean means no update. @p merged.count > 0.
  * @return the feature's statistics, for a running update the caller defers
  */

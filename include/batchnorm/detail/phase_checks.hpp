@@ -80,6 +80,8 @@ void check_local_statistics(const Shape& shape, const T* x, const span<double>& 
                             std::int64_t record_size) {
   check_pointer(x, "x", shape.numel());
   check_record(statistics, "statistics", record_size);
+  check_overlaps({{"statistics", statistics.data, bytes_of(statistics), true}, {"x", x, bytes_of(x, shape.numel()), false}},
+                 {});
 }
 
 /// Phase 2, everything but the counts inside the records (phases::MergeArgs, MergeConfig).
@@ -99,6 +101,15 @@ void check_merge(std::int64_t features, const MergeArgs& a, const MergeConfig& c
   check_feature_span(a.running_var, "running_var", features, false);
   check_feature_span(a.save_mean, "save_mean", features, false);
   check_feature_span(a.save_invstd, "save_invstd", features, false);
+  // The overlap rule of forward (detail/validate.hpp): every written buffer against every other.
+  check_overlaps({{"normalization", a.normalization.data, bytes_of(a.normalization), true},
+                  {"running_mean", a.running_mean.data, bytes_of(a.running_mean), true},
+                  {"running_var", a.running_var.data, bytes_of(a.running_var), true},
+                  {"save_mean", a.save_mean.data, bytes_of(a.save_mean), true},
+                  {"save_invstd", a.save_invstd.data, bytes_of(a.save_invstd), true},
+                  {"skipped_updates", a.skipped_updates, bytes_of(a.skipped_updates, 1), true},
+                  {"shard_statistics", a.shard_statistics.data, bytes_of(a.shard_statistics), false}},
+                 {});
 }
 
 /// Phase 3, everything but the record's count (phases::NormalizeArgs, ElementwiseConfig).
@@ -108,12 +119,15 @@ void check_normalize(const Shape& shape, const NormalizeArgs& a, const Config& c
   const std::int64_t features = feature_count(shape, c.mode);
   check_pointer(a.x, "x", numel);
   check_pointer(a.y, "y", numel);
-  require(!partially_overlap(a.x, a.y, numel), "y",
-          "y: expected the same address as x (in place) or no overlap with it, got a partial overlap");
-  require(!partially_overlap(a.residual, a.y, numel), "residual",
-          "residual: expected the same address as y or no overlap with it, got a partial overlap");
   check_weight_bias(a.weight, a.bias, features, true);
   check_record(a.normalization, "normalization", normalization_size);
+  check_overlaps({{"y", a.y, bytes_of(a.y, numel), true},
+                  {"x", a.x, bytes_of(a.x, numel), false},
+                  {"residual", a.residual, bytes_of(a.residual, numel), false},
+                  {"weight", a.weight.data, bytes_of(a.weight), false},
+                  {"bias", a.bias.data, bytes_of(a.bias), false},
+                  {"normalization", a.normalization.data, bytes_of(a.normalization), false}},
+                 {{"y", "x"}, {"y", "residual"}});
 }
 
 /// Phase 4, everything but the normalization record's count (phases::GradientSumsArgs).
@@ -126,6 +140,13 @@ void check_gradient_sums(const Shape& shape, const GradientSumsArgs& a, const Co
   if (c.activation != Activation::identity) check_pointer(a.y, "y", numel);
   check_record(a.normalization, "normalization", normalization_size);
   check_record(a.gradient_sums, "gradient_sums", sums_size);
+  const bool relu = c.activation != Activation::identity;
+  check_overlaps({{"gradient_sums", a.gradient_sums.data, bytes_of(a.gradient_sums), true},
+                  {"x", a.x, bytes_of(a.x, numel), false},
+                  {"dy", a.dy, bytes_of(a.dy, numel), false},
+                  {"y", relu ? a.y : nullptr, bytes_of(a.y, numel), false},
+                  {"normalization", a.normalization.data, bytes_of(a.normalization), false}},
+                 {});
 }
 
 /// Phase 5, everything but the normalization record's count (phases::InputGradientArgs).
@@ -137,15 +158,24 @@ void check_input_gradient(const Shape& shape, const InputGradientArgs& a, const 
   check_pointer(a.x, "x", numel);
   check_pointer(a.dy, "dy", numel);
   if (c.activation != Activation::identity) check_pointer(a.y, "y", numel);
-  require(!partially_overlap(a.dx, a.dy, numel) && !partially_overlap(a.dx, a.x, numel), "dx",
-          "dx: expected the same address as dy or x, or no overlap with them, got a partial overlap");
-  require(!partially_overlap(a.dresidual, a.dy, numel), "dresidual",
-          "dresidual: expected the same address as dy or no overlap with it, got a partial overlap");
   check_weight_bias(a.weight, decltype(a.weight){}, features, false);
   check_record(a.normalization, "normalization", normalization_size);
   check_record(a.gradient_sums, "gradient_sums", sums_size);
   check_feature_span(a.grad_weight, "grad_weight", features, false);
   check_feature_span(a.grad_bias, "grad_bias", features, false);
+  // The overlap rule of backward (detail/validate.hpp).
+  const bool relu = c.activation != Activation::identity;
+  check_overlaps({{"dx", a.dx, bytes_of(a.dx, numel), true},
+                  {"dresidual", a.dresidual, bytes_of(a.dresidual, numel), true},
+                  {"grad_weight", a.grad_weight.data, bytes_of(a.grad_weight), true},
+                  {"grad_bias", a.grad_bias.data, bytes_of(a.grad_bias), true},
+                  {"dy", a.dy, bytes_of(a.dy, numel), false},
+                  {"x", a.x, bytes_of(a.x, numel), false},
+                  {"y", relu ? a.y : nullptr, bytes_of(a.y, numel), false},
+                  {"weight", a.weight.data, bytes_of(a.weight), false},
+                  {"normalization", a.normalization.data, bytes_of(a.normalization), false},
+                  {"gradient_sums", a.gradient_sums.data, bytes_of(a.gradient_sums), false}},
+                 {{"dx", "dy"}, {"dx", "x"}, {"dresidual", "dy"}});
 }
 
 }  // namespace batchnorm::detail::phase_checks

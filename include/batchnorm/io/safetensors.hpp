@@ -27,10 +27,23 @@
  * reference writer does. Loading accepts F32, F64, F16 and BF16 per-feature tensors and
  * converts them to the layer's parameter type (as PyTorch's `load_state_dict` copies).
  *
+ * Headers are also refused when arrays or objects nest deeper than 16 levels (a valid header
+ * nests 3). Parsing takes time linear in the header's size (up to a logarithmic factor for
+ * the duplicate-key check), whatever its shape; messages quote at most 64 bytes of any key or
+ * value from the file.
+ *
  * Loading is all-or-nothing: the whole file is parsed and checked against the layer into a
  * State first, and only then handed to BatchNorm::load_state; on any error the layer is
- * unchanged. Saving writes a temporary file next to the target and renames it over the
- * target, so an existing file is either kept or wholly replaced.
+ * unchanged. Only regular files are read (a FIFO, device or directory is a file_error, at
+ * once). Saving writes a new temporary file of a unique name next to the target (created
+ * with O_EXCL | O_NOFOLLOW: nothing already there is opened or removed), flushes it and
+ * renames it over the target, so an existing file is either kept or wholly replaced, and
+ * concurrent saves to one path all succeed (the last rename wins). A symlink at the target is
+ * replaced by the file, not followed. POSIX only.
+ *
+ * Exceptions: batchnorm::invalid_argument, batchnorm::format_error, batchnorm::state_error
+ * (a moved-from layer), batchnorm::io::file_error and std::bad_alloc; nothing else (errors of
+ * the JSON library are translated).
  *
  * Needs nlohmann-json (`#include <nlohmann/json.hpp>`, Debian nlohmann-json3-dev; CMake
  * target `batchnorm::safetensors`, from `find_package(batchnorm COMPONENTS safetensors)`).
@@ -91,7 +104,11 @@ namespace batchnorm::io {
  * @param prefix prepended to each key as is (e.g. "bn1.")
  * @param metadata written as the header's `__metadata__` when not empty
  * @throws batchnorm::invalid_argument (argument "state") for inconsistent sizes or a
- *         negative num_batches_tracked
+ *         negative num_batches_tracked; (argument "prefix" or "metadata") for a prefix,
+ *         metadata key or value that is not valid UTF-8 (JSON holds only UTF-8)
+ * @note An empty State (no tensors) writes a file with no tensors, which reads back as an
+ *       empty State; num_batches_tracked is stored only with the running statistics, as in
+ *       PyTorch's state_dict.
  */
 template <class P>
 std::vector<std::uint8_t> to_safetensors_bytes(const State<P>& state, const std::string& prefix = "",
@@ -108,6 +125,14 @@ std::vector<std::uint8_t> to_safetensors_bytes(const State<P>& state, const std:
           " and ", state.running_mean.size());
   require(state.num_batches_tracked >= 0, "state", "to_safetensors: state: num_batches_tracked: expected >= 0, got ",
           state.num_batches_tracked);
+  require(detail::is_utf8(prefix), "prefix", "to_safetensors: prefix: expected UTF-8 text (JSON keys are UTF-8), got '",
+          detail::excerpt(prefix), "'");
+  for (const auto& [key, value] : metadata) {
+    require(detail::is_utf8(key), "metadata", "to_safetensors: metadata: key '", detail::excerpt(key),
+            "': expected UTF-8 text (JSON strings are UTF-8)");
+    require(detail::is_utf8(value), "metadata", "to_safetensors: metadata: the value of '", detail::excerpt(key),
+            "': expected UTF-8 text (JSON strings are UTF-8)");
+  }
 
   const char* dtype = std::is_same_v<P, float> ? "F32" : "F64";
   const bool tracking = !state.running_mean.empty();
@@ -151,7 +176,12 @@ std::vector<std::uint8_t> to_safetensors_bytes(const State<P>& state, const std:
   }
   if (!metadata.empty()) header["__metadata__"] = metadata;
 
-  std::string text = header.dump();
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const nlohmann::json::exception& e) {  // not expected: the strings were checked above
+    throw batchnorm::invalid_argument("state", batchnorm::detail::concat("to_safetensors: ", e.what()));
+  }
   text.append((8 - text.size() % 8) % 8, ' ');  // data starts 8-byte aligned
   std::vector<std::uint8_t> out;
   out.reserve(8 + text.size() + data.size());
@@ -168,6 +198,8 @@ std::vector<std::uint8_t> to_safetensors_bytes(const State<P>& state, const std:
  * @tparam Backend cpu or cuda
  * @param layer the layer
  * @param prefix prepended to each key as is (e.g. "bn1.")
+ * @throws batchnorm::invalid_argument for a prefix that is not UTF-8
+ * @throws batchnorm::state_error for a moved-from layer
  * @note Synchronizes the device (cuda backend).
  */
 template <class T, int Dims, class Backend>
@@ -177,39 +209,23 @@ std::vector<std::uint8_t> to_safetensors_bytes(const BatchNorm<T, Dims, Backend>
 
 /**
  * @brief Writes a state as a safetensors file (see to_safetensors_bytes()). The file is
- *        written under a temporary name next to @p path and renamed over it, so an
- *        existing file is either kept (on error) or wholly replaced.
+ *        written under a new, unique temporary name next to @p path (O_EXCL, never
+ *        following links), flushed and renamed over it, so an existing file is either kept
+ *        (on error) or wholly replaced; on error only that temporary is removed.
  * @tparam P float or double
  * @param path the file to write
  * @param state the state
  * @param prefix prepended to each key as is (e.g. "bn1.")
  * @param metadata written as the header's `__metadata__` when not empty
  * @throws batchnorm::invalid_argument as to_safetensors_bytes()
- * @throws batchnorm::io::file_error when the file cannot be written
+ * @throws batchnorm::io::file_error when the file cannot be written (message with the
+ *         system's reason), e.g. @p path is a directory
  */
 template <class P>
 void save_safetensors(const std::string& path, const State<P>& state, const std::string& prefix = "",
                       const std::map<std::string, std::string>& metadata = {}) {
   const std::vector<std::uint8_t> bytes = to_safetensors_bytes(state, prefix, metadata);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (out) out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    if (out) out.close();
-    if (!out) {
-      std::error_code ignored;
-      std::filesystem::remove(tmp, ignored);
-      throw file_error(path, batchnorm::detail::concat("safetensors: cannot write '", tmp, "'"));
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw file_error(path, batchnorm::detail::concat("safetensors: cannot rename '", tmp, "' to '", path,
-                                                     "': ", ec.message()));
-  }
+  detail::write_file_atomically(path, bytes.data(), bytes.size());
 }
 
 /**
@@ -222,6 +238,8 @@ void save_safetensors(const std::string& path, const State<P>& state, const std:
  * @param layer the layer
  * @param prefix prepended to each key as is (e.g. "bn1.")
  * @throws batchnorm::io::file_error when the file cannot be written
+ * @throws batchnorm::invalid_argument for a prefix that is not UTF-8
+ * @throws batchnorm::state_error for a moved-from layer
  * @note Synchronizes the device (cuda backend).
  */
 template <class T, int Dims, class Backend>
@@ -266,7 +284,8 @@ State<P> state_from_safetensors_bytes(const std::vector<std::uint8_t>& bytes, co
  * @param path the file
  * @param prefix prepended to each key as is
  * @throws batchnorm::format_error as state_from_safetensors_bytes() (the path appended)
- * @throws batchnorm::io::file_error when the file cannot be opened or read
+ * @throws batchnorm::io::file_error when the file cannot be opened or read, or is not a
+ *         regular file
  */
 template <class P>
 State<P> state_from_safetensors(const std::string& path, const std::string& prefix = "") {
@@ -286,6 +305,7 @@ State<P> state_from_safetensors(const std::string& path, const std::string& pref
  * @param prefix prepended to each key as is (e.g. "bn1.")
  * @throws batchnorm::format_error for a malformed file, a missing or unexpected key, a
  *         wrong dtype or shape, naming the key
+ * @throws batchnorm::state_error for a moved-from layer
  * @note Synchronizes the device (cuda backend). Forgets the statistics saved for backward.
  */
 template <class T, int Dims, class Backend>
@@ -322,7 +342,9 @@ void load_safetensors_bytes(const std::vector<std::uint8_t>& bytes, BatchNorm<T,
  * @param layer the layer to load into
  * @param prefix prepended to each key as is
  * @throws batchnorm::format_error as load_safetensors_bytes() (the path appended)
- * @throws batchnorm::io::file_error when the file cannot be opened or read
+ * @throws batchnorm::io::file_error when the file cannot be opened or read, or is not a
+ *         regular file
+ * @throws batchnorm::state_error for a moved-from layer
  * @note Synchronizes the device (cuda backend). Forgets the statistics saved for backward.
  */
 template <class T, int Dims, class Backend>

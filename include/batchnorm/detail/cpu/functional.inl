@@ -86,7 +86,7 @@ void finalize_batch_statistics(std::int64_t features, std::int64_t n, double* me
   bool all_finite = true;
   for (std::int64_t f = 0; f < features; ++f) {
     stats[f] = finalize(Welford<double>{mean[f], m2[f], n});
-    all_finite = all_finite && is_finite(stats[f]);
+    all_finite = all_finite && is_finite_as<P>(stats[f]);
   }
   // Allocation is done: nothing below can throw.
   for (std::int64_t f = 0; f < features; ++f) {
@@ -97,7 +97,7 @@ void finalize_batch_statistics(std::int64_t features, std::int64_t n, double* me
   if (all_finite || !skip_nonfinite) {
     for (std::int64_t f = 0; f < features; ++f) update_running(running_mean[f], running_var[f], stats[f], factor);
   } else if (skipped) {
-    ++*skipped;
+    increment_saturating(*skipped);
   }
 }
 

@@ -51,9 +51,9 @@ void merge_statistics(cpu, std::int64_t features, const MergeArgs<P>& a, const M
   }
   // Running statistics: all features or none (skip_nonfinite_updates), as forward.
   bool all_finite = true;
-  for (std::int64_t f = 0; f < features; ++f) all_finite = all_finite && detail::is_finite(detail::finalize(merged[f]));
+  for (std::int64_t f = 0; f < features; ++f) all_finite = all_finite && detail::is_finite_as<P>(detail::finalize(merged[f]));
   const bool update = a.running_mean.data != nullptr && (all_finite || !c.skip_nonfinite_updates);
-  if (a.running_mean.data != nullptr && !update && a.skipped_updates) ++*a.skipped_updates;
+  if (a.running_mean.data != nullptr && !update && a.skipped_updates) detail::increment_saturating(*a.skipped_updates);
   out[0] = total;
   for (std::int64_t f = 0; f < features; ++f)
     detail::finalize_merged_feature(merged[f], c.eps, c.exponential_average_factor, out + 1 + f,

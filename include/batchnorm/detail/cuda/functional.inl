@@ -54,7 +54,7 @@ void forward(cuda, const Shape& shape, const ForwardArgs<T>& a, const ForwardCon
   using detail::Welford;
   using P = param_t<T>;
   using Acc = P;
-  detail::check_forward(shape, a, c);
+  detail::check_forward(shape, a, c, workspace, workspace_bytes);
   if (shape.numel() == 0) return;  // PyTorch: empty output, running stats untouched
   // Host-only checks first, then the caller's pending error, then the device queries.
   check_workspace_alignment(workspace, cuda_workspace_alignment);
@@ -117,7 +117,7 @@ void backward(cuda, const Shape& shape, const BackwardArgs<T>& a, const Backward
   using detail::Welford;
   using P = param_t<T>;
   using Acc = P;
-  detail::check_backward(shape, a, c);
+  detail::check_backward(shape, a, c, workspace, workspace_bytes);
   check_workspace_alignment(workspace, cuda_workspace_alignment);
   check_launch_limits(shape, c.mode);
   check_no_pending_error("backward");

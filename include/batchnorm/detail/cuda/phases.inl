@@ -78,7 +78,7 @@ BN_KERNEL void merge_records_kernel(const double* __restrict__ records, std::int
                               save_mean ? save_mean + f : nullptr, save_invstd ? save_invstd + f : nullptr);
   if (deferred) {
     stats[f] = s;
-    if (!is_finite(s)) atomicOr(nonfinite, 1);
+    if (!is_finite_as<P>(s)) atomicOr(nonfinite, 1);
   }
 }
 
@@ -92,7 +92,7 @@ BN_KERNEL void merge_running_update_kernel(const FeatureStats<double>* __restric
   const std::int64_t f = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (!(normalization[0] > 0.0)) return;
   if (*nonfinite) {
-    if (f == 0 && skipped_updates) ++*skipped_updates;
+    if (f == 0 && skipped_updates) increment_saturating(*skipped_updates);
     return;
   }
   if (f < F) update_running(running_mean[f], running_var[f], stats[f], factor);

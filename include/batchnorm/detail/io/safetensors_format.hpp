@@ -7,20 +7,26 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <set>
 #include <stdexcept>
 #include <string>
-#include <system_error>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -78,16 +84,99 @@ inline void store_u64(std::vector<std::uint8_t>& out, std::uint64_t v) {
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<std::uint8_t>(v >> (8 * i)));
 }
 
+/// Longest piece of an untrusted string (a key, a dtype, a value) quoted in a message.
+inline constexpr std::size_t max_quoted_bytes = 64;
+
+/// @p text for a message: itself when short, else its first bytes and its length, so that a
+/// message stays small whatever the file holds.
+inline std::string excerpt(std::string_view text) {
+  if (text.size() <= max_quoted_bytes) return std::string(text);
+  return concat(text.substr(0, max_quoted_bytes), "... (", text.size(), " bytes)");
+}
+
+/// A JSON value for a message, bounded: scalars as JSON (strings shortened), containers by
+/// their kind and size. Never serializes a container (whose size and depth the file chooses).
+inline std::string describe(const nlohmann::json& v) {
+  if (v.is_string()) return concat("the string \"", excerpt(v.get_ref<const std::string&>()), "\"");
+  if (v.is_array()) return concat("an array of ", v.size(), " elements");
+  if (v.is_object()) return concat("an object of ", v.size(), " members");
+  return v.dump();  // a number, a boolean or null: a few characters
+}
+
+/// Deepest nesting of arrays and objects accepted in a header. A valid header nests 3 deep
+/// (header, tensor entry, shape); the bound keeps every walk over the parsed value short.
+inline constexpr std::size_t max_header_depth = 16;
+
+/**
+ * First, linear pass over a header (nlohmann's SAX parser, which does not recurse): rejects
+ * nesting deeper than max_header_depth and duplicate keys in any object (which of two equal
+ * keys wins differs between parsers). Each key costs one set insertion, so the pass is
+ * O(n log n) in the header's size whatever its shape.
+ */
+class HeaderScan : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  using json = nlohmann::json;
+  std::string error;  ///< why the scan stopped; empty when the header passed
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(json::number_integer_t) override { return true; }
+  bool number_unsigned(json::number_unsigned_t) override { return true; }
+  bool number_float(json::number_float_t, const json::string_t&) override { return true; }
+  bool string(json::string_t&) override { return true; }
+  bool binary(json::binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    keys_.emplace_back();
+    return enter();
+  }
+  bool key(json::string_t& k) override {
+    if (keys_.back().insert(k).second) return true;
+    error = concat("header: duplicate key '", excerpt(k), "'");
+    return false;
+  }
+  bool end_object() override {
+    keys_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    keys_.emplace_back();  // kept level with depth_, so end_object always pops its own set
+    return enter();
+  }
+  bool end_array() override {
+    keys_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception&) override {
+    // The parser's own message quotes the last token, which the file can make any size.
+    error = concat("header: not valid JSON (syntax error at byte ", position, ")");
+    return false;
+  }
+
+ private:
+  bool enter() {
+    if (++depth_ <= max_header_depth) return true;
+    error = concat("header: arrays and objects nested deeper than ", max_header_depth,
+                   " levels (a safetensors header nests 3)");
+    return false;
+  }
+  std::size_t depth_ = 0;
+  std::vector<std::set<std::string>> keys_;
+};
+
+/// A shape for a message: at most 8 extents, then their count (a file can give millions).
 inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
   std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  for (std::size_t i = 0; i < shape.size() && i < 8; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  if (shape.size() > 8) s += concat(", ... (", shape.size(), " extents)");
   return s + "]";
 }
 
 /// A non-negative JSON integer (what the format allows for offsets and extents).
 inline std::uint64_t unsigned_field(const nlohmann::json& v, const std::string& key, const char* field) {
   if (!v.is_number_unsigned())
-    fail("tensor '", key, "': ", field, ": expected non-negative integers, got ", v.dump());
+    fail("tensor '", excerpt(key), "': ", field, ": expected non-negative integers, got ", describe(v));
   return v.get<std::uint64_t>();
 }
 
@@ -95,26 +184,25 @@ inline std::uint64_t unsigned_field(const nlohmann::json& v, const std::string& 
  * Parses and validates the JSON header of @p n bytes at @p text, for a data buffer of
  * @p data_length bytes. Throws format_error naming the key and field at fault.
  */
+inline Header parse_header_checked(const char* text, std::size_t n, std::uint64_t data_length);
+
 inline Header parse_header(const char* text, std::size_t n, std::uint64_t data_length) {
+  try {
+    return parse_header_checked(text, n, data_length);
+  } catch (const nlohmann::json::exception& e) {  // none expected: every access is type-checked
+    fail("header: ", e.what());
+  }
+}
+
+inline Header parse_header_checked(const char* text, std::size_t n, std::uint64_t data_length) {
   if (n == 0 || text[0] != '{') fail("header: expected a JSON object starting with '{' right after the 8-byte length");
-  // Duplicate keys are ambiguous (which one wins differs between parsers): reject them.
-  std::vector<std::set<std::string>> open_objects;
-  std::string duplicate;
-  const nlohmann::json::parser_callback_t cb = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using E = nlohmann::json::parse_event_t;
-    if (event == E::object_start) {
-      open_objects.emplace_back();
-    } else if (event == E::object_end) {
-      if (!open_objects.empty()) open_objects.pop_back();
-    } else if (event == E::key && !open_objects.empty() && parsed.is_string()) {
-      const auto& k = parsed.get_ref<const std::string&>();
-      if (!open_objects.back().insert(k).second && duplicate.empty()) duplicate = k;
-    }
-    return true;
-  };
-  const nlohmann::json j = nlohmann::json::parse(text, text + n, cb, /*allow_exceptions=*/false);
+  // Bounds and duplicates first, in one pass that cannot recurse; then the plain (linear,
+  // callback-free) parser builds the value, whose depth is now known to be small.
+  HeaderScan scan;
+  if (!nlohmann::json::sax_parse(text, text + n, &scan) || !scan.error.empty())
+    fail(scan.error.empty() ? concat("header: not valid JSON (", n, " bytes)") : scan.error);
+  const nlohmann::json j = nlohmann::json::parse(text, text + n, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) fail("header: not valid JSON (", n, " bytes)");
-  if (!duplicate.empty()) fail("header: duplicate key '", duplicate, "'");
   if (!j.is_object()) fail("header: expected a JSON object, got ", j.type_name());
 
   Header h;
@@ -124,25 +212,25 @@ inline Header parse_header(const char* text, std::size_t n, std::uint64_t data_l
       if (value.is_null()) continue;
       if (!value.is_object()) fail("__metadata__: expected an object of strings, got ", value.type_name());
       for (const auto& [mk, mv] : value.items()) {
-        if (!mv.is_string()) fail("__metadata__: '", mk, "': expected a string, got ", mv.type_name());
+        if (!mv.is_string()) fail("__metadata__: '", excerpt(mk), "': expected a string, got ", mv.type_name());
         h.metadata[mk] = mv.get<std::string>();
       }
       continue;
     }
-    if (!value.is_object()) fail("tensor '", key, "': expected an object, got ", value.type_name());
+    if (!value.is_object()) fail("tensor '", excerpt(key), "': expected an object, got ", value.type_name());
     for (const auto& [field, unused] : value.items()) {
       (void)unused;
       if (field != "dtype" && field != "shape" && field != "data_offsets")
-        fail("tensor '", key, "': unknown field '", field, "' (expected dtype, shape, data_offsets)");
+        fail("tensor '", excerpt(key), "': unknown field '", excerpt(field), "' (expected dtype, shape, data_offsets)");
     }
     TensorInfo t;
     const auto dtype = value.find("dtype");
-    if (dtype == value.end() || !dtype->is_string()) fail("tensor '", key, "': dtype: expected a string");
+    if (dtype == value.end() || !dtype->is_string()) fail("tensor '", excerpt(key), "': dtype: expected a string");
     t.dtype = dtype->get<std::string>();
     const std::uint64_t size = dtype_size(t.dtype);
-    if (size == 0) fail("tensor '", key, "': dtype: unknown dtype '", t.dtype, "'");
+    if (size == 0) fail("tensor '", excerpt(key), "': dtype: unknown dtype '", excerpt(t.dtype), "'");
     const auto shape = value.find("shape");
-    if (shape == value.end() || !shape->is_array()) fail("tensor '", key, "': shape: expected an array");
+    if (shape == value.end() || !shape->is_array()) fail("tensor '", excerpt(key), "': shape: expected an array");
     std::uint64_t numel = 1;
     bool overflow = false;
     for (const auto& e : *shape) {
@@ -153,19 +241,19 @@ inline Header parse_header(const char* text, std::size_t n, std::uint64_t data_l
     }
     const auto offsets = value.find("data_offsets");
     if (offsets == value.end() || !offsets->is_array() || offsets->size() != 2)
-      fail("tensor '", key, "': data_offsets: expected an array [begin, end]");
+      fail("tensor '", excerpt(key), "': data_offsets: expected an array [begin, end]");
     t.begin = unsigned_field((*offsets)[0], key, "data_offsets");
     t.end = unsigned_field((*offsets)[1], key, "data_offsets");
-    if (t.begin > t.end) fail("tensor '", key, "': data_offsets: begin ", t.begin, " > end ", t.end);
+    if (t.begin > t.end) fail("tensor '", excerpt(key), "': data_offsets: begin ", t.begin, " > end ", t.end);
     if (t.end > data_length)
-      fail("tensor '", key, "': data_offsets: [", t.begin, ", ", t.end, "] out of range: the data buffer has ",
+      fail("tensor '", excerpt(key), "': data_offsets: [", t.begin, ", ", t.end, "] out of range: the data buffer has ",
            data_length, " bytes (truncated file?)");
     for (const auto e : t.shape)
       if (e == 0) overflow = false;  // an empty tensor has 0 elements whatever its other extents
     if (overflow || numel > std::numeric_limits<std::uint64_t>::max() / size)
-      fail("tensor '", key, "': shape ", shape_string(t.shape), ": element count overflows 64 bits");
+      fail("tensor '", excerpt(key), "': shape ", shape_string(t.shape), ": element count overflows 64 bits");
     if (t.end - t.begin != numel * size)
-      fail("tensor '", key, "': data_offsets: [", t.begin, ", ", t.end, "] span ", t.end - t.begin,
+      fail("tensor '", excerpt(key), "': data_offsets: [", t.begin, ", ", t.end, "] span ", t.end - t.begin,
            " bytes, but dtype ", t.dtype, " and shape ", shape_string(t.shape), " need ", numel * size);
     h.tensors.emplace(key, std::move(t));
   }
@@ -181,10 +269,10 @@ inline Header parse_header(const char* text, std::size_t n, std::uint64_t data_l
   for (const auto* e : order) {
     const TensorInfo& t = e->second;
     if (t.begin < at)
-      fail("tensor '", e->first, "': data_offsets: [", t.begin, ", ", t.end, "] overlap tensor '", previous,
+      fail("tensor '", excerpt(e->first), "': data_offsets: [", t.begin, ", ", t.end, "] overlap tensor '", excerpt(previous),
            "', which ends at ", at);
     if (t.begin > at)
-      fail("tensor '", e->first, "': data_offsets: [", t.begin, ", ", t.end, "] leave a gap: bytes [", at, ", ",
+      fail("tensor '", excerpt(e->first), "': data_offsets: [", t.begin, ", ", t.end, "] leave a gap: bytes [", at, ", ",
            t.begin, ") belong to no tensor");
     at = t.end;
     previous = e->first;
@@ -273,7 +361,7 @@ State<P> build_state(const Header& h, const std::string& prefix, const Expect* e
         s += ", ...";
         break;
       }
-      s += (shown++ ? ", '" : "'") + e.first + "'";
+      s += (shown++ ? ", '" : "'") + excerpt(e.first) + "'";
     }
     return s.empty() ? std::string("no tensors") : concat(h.tensors.size(), " tensors: ", s);
   };
@@ -294,7 +382,12 @@ State<P> build_state(const Header& h, const std::string& prefix, const Expect* e
   } else {
     affine = found[0] || found[1];
     tracking = found[2] || found[3] || found[4];
-    if (!affine && !tracking) fail("no BatchNorm tensors with prefix '", prefix, "' (the file has ", listing(), ")");
+    // A file with no tensors at all is what an empty State (a layer with neither affine nor
+    // track_running_stats) writes: it reads back as that State. A file with other tensors
+    // but none under the prefix is more likely a wrong prefix.
+    if (!affine && !tracking && h.tensors.empty()) return State<P>{};
+    if (!affine && !tracking)
+      fail("no BatchNorm tensors with prefix '", excerpt(prefix), "' (the file has ", listing(), ")");
     for (int i = 0; i < 5; ++i) {
       const bool wanted = i < 2 ? affine : tracking;
       if (wanted && !found[i])
@@ -363,21 +456,54 @@ State<P> state_from_bytes(const std::uint8_t* data, std::size_t size, const std:
   });
 }
 
+/// An open file descriptor, closed on scope exit.
+class FileDescriptor {
+ public:
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  [[nodiscard]] int get() const noexcept { return fd_; }
+  /// Closes now and reports close's result (a write error can surface only here).
+  bool close() noexcept {
+    const int fd = std::exchange(fd_, -1);
+    return fd < 0 || ::close(fd) == 0;
+  }
+
+ private:
+  int fd_;
+};
+
+inline std::string system_message(int error) { return std::strerror(error); }
+
 template <class P>
 State<P> state_from_file(const std::string& path, const std::string& prefix, const Expect* expect) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw file_error(path, concat("safetensors: cannot open '", path, "' for reading"));
-  in.seekg(0, std::ios::end);
-  const std::streamoff end = in.tellg();
-  if (end < 0) throw file_error(path, concat("safetensors: cannot determine the size of '", path, "'"));
-  const auto total = static_cast<std::uint64_t>(end);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. Only
+  // regular files are read (fstat below); for them the flag changes nothing.
+  FileDescriptor file(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (file.get() < 0)
+    throw file_error(path, concat("safetensors: cannot open '", path, "' for reading: ", system_message(errno)));
+  struct stat info {};
+  if (::fstat(file.get(), &info) != 0)
+    throw file_error(path, concat("safetensors: cannot stat '", path, "': ", system_message(errno)));
+  if (!S_ISREG(info.st_mode))
+    throw file_error(path, concat("safetensors: '", path, "' is not a regular file (a directory, FIFO, device or socket)"));
+  const auto total = static_cast<std::uint64_t>(info.st_size);
+  // Reads exactly count bytes at offset; sizes come from the header checks, which keep every
+  // range inside the file's size as fstat saw it. A file that shrinks meanwhile is an I/O error.
   auto read = [&](std::uint64_t offset, std::size_t count) {
     std::vector<std::uint8_t> bytes(count);
-    in.clear();
-    in.seekg(static_cast<std::streamoff>(offset));
-    if (count) in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(count));
-    if (!in || static_cast<std::size_t>(in.gcount()) != count)
-      throw file_error(path, concat("safetensors: cannot read ", count, " bytes at offset ", offset, " of '", path, "'"));
+    std::size_t done = 0;
+    while (done < count) {
+      const ssize_t got = ::pread(file.get(), bytes.data() + done, count - done, static_cast<off_t>(offset + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0)
+        throw file_error(path, concat("safetensors: cannot read ", count, " bytes at offset ", offset, " of '", path,
+                                      "': ", got < 0 ? system_message(errno) : std::string("the file ended early")));
+      done += static_cast<std::size_t>(got);
+    }
     return bytes;
   };
   try {
@@ -391,6 +517,97 @@ State<P> state_from_file(const std::string& path, const std::string& prefix, con
   } catch (const format_error& e) {
     throw format_error(concat(e.what(), " (in '", path, "')"));
   }
+}
+
+/**
+ * Writes @p size bytes to @p path atomically: into a new file of a unique name in the same
+ * directory, created with O_CREAT | O_EXCL | O_NOFOLLOW (so nothing already there, a planted
+ * symlink included, is ever opened, truncated or removed), flushed with fsync, then renamed
+ * over @p path. Concurrent writers to one path each use their own temporary; the last rename
+ * wins. On error only the temporary this call created is removed, and @p path is untouched.
+ */
+inline void write_file_atomically(const std::string& path, const std::uint8_t* data, std::size_t size) {
+  auto error = [&](const std::string& what, int code) {
+    return file_error(path, concat("safetensors: ", what, ": ", system_message(code)));
+  };
+  static std::atomic<std::uint64_t> calls{0};
+  std::string temporary;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    // A name no other writer picks: process id, a per-process count, the clock, mixed (splitmix64).
+    std::uint64_t z = (static_cast<std::uint64_t>(::getpid()) << 32) ^ calls.fetch_add(1) ^
+                      static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    char suffix[17];
+    for (int i = 0; i < 16; ++i) suffix[i] = "0123456789abcdef"[(z >> (4 * i)) & 15];
+    suffix[16] = '\0';
+    temporary = path + ".tmp-" + suffix;
+    fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) throw error(concat("cannot create '", temporary, "'"), errno);
+  }
+  if (fd < 0) throw error(concat("cannot create a temporary file next to '", path, "'"), EEXIST);
+  FileDescriptor file(fd);
+  auto fail_and_remove = [&](const std::string& what) {
+    const int code = errno;
+    file.close();
+    ::unlink(temporary.c_str());  // the file this call created (O_EXCL), nothing else
+    throw error(what, code);
+  };
+  for (std::size_t done = 0; done < size;) {
+    const ssize_t put = ::write(file.get(), data + done, size - done);
+    if (put < 0 && errno == EINTR) continue;
+    if (put <= 0) fail_and_remove(concat("cannot write '", temporary, "'"));
+    done += static_cast<std::size_t>(put);
+  }
+  if (::fsync(file.get()) != 0) fail_and_remove(concat("cannot flush '", temporary, "'"));
+  if (!file.close()) {
+    const int code = errno;
+    ::unlink(temporary.c_str());
+    throw error(concat("cannot write '", temporary, "'"), code);
+  }
+  if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    const int code = errno;
+    ::unlink(temporary.c_str());
+    throw error(concat("cannot rename '", temporary, "' to '", path, "'"), code);
+  }
+}
+
+/// True when @p text is well-formed UTF-8 (what a JSON string must hold).
+inline bool is_utf8(std::string_view text) {
+  std::size_t i = 0;
+  while (i < text.size()) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    std::size_t extra;
+    std::uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if (c >= 0xc2 && c <= 0xdf) {
+      extra = 1;
+      cp = c & 0x1fu;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      extra = 2;
+      cp = c & 0x0fu;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      extra = 3;
+      cp = c & 0x07u;
+    } else {
+      return false;
+    }
+    if (text.size() - i <= extra) return false;
+    for (std::size_t k = 1; k <= extra; ++k) {
+      const auto d = static_cast<unsigned char>(text[i + k]);
+      if ((d & 0xc0u) != 0x80u) return false;
+      cp = (cp << 6) | (d & 0x3fu);
+    }
+    if ((extra == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (extra == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+      return false;
+    i += extra + 1;
+  }
+  return true;
 }
 
 }  // namespace detail
