@@ -35,7 +35,9 @@
 
 #include <batchnorm/batchnorm.hpp>
 
+#include "common/cli.hpp"     // Options: the command-line table
 #include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
+#include "common/linear.hpp"  // Linear
 
 #ifndef BATCHNORM_CONVERGENCE_OUT
 #define BATCHNORM_CONVERGENCE_OUT "convergence"  // CMake sets it to <build>/examples/convergence
@@ -87,54 +89,23 @@ struct Config {
   bool quick = false;
 };
 
-const char* const kUsage =
-    "usage: example_convergence [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B]\n"
-    "                           [--seed S] [--data digits.csv] [--quick]\n"
-    "  --out DIR     where convergence.csv and convergence.svg go (default: " BATCHNORM_CONVERGENCE_OUT ")\n"
-    "  --epochs N    epochs per run (default 30; --quick: 5)\n"
-    "  --lr LIST     learning rates, comma-separated (default 0.01,0.1,0.5,2; --quick: 0.1,2)\n"
-    "  --batch B     mini-batch size (default 32)\n"
-    "  --seed S      seed of the initial weights and of the batch order (default 1)\n"
-    "  --data PATH   the digits CSV (default: the copy in the source tree)\n"
-    "  --quick       the short configuration ctest runs (--epochs and --lr override it)\n";
-
 Config parse_args(int argc, char** argv) {
   Config config;
-  bool epochs_given = false, rates_given = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    } else if (arg == "--out") {
-      config.out_dir = value();
-    } else if (arg == "--data") {
-      config.data = value();
-    } else if (arg == "--epochs") {
-      config.epochs = std::stoi(value());
-      epochs_given = true;
-    } else if (arg == "--batch") {
-      config.batch = std::stoi(value());
-    } else if (arg == "--seed") {
-      config.seed = std::stoull(value());
-    } else if (arg == "--lr") {
-      config.learning_rates.clear();
-      std::stringstream list(value());
-      for (std::string item; std::getline(list, item, ',');) config.learning_rates.push_back(std::stod(item));
-      rates_given = true;
-    } else if (arg == "--quick") {
-      config.quick = true;
-    } else {
-      throw std::invalid_argument("unknown argument " + arg + "\n" + kUsage);
-    }
-  }
+  examples::Options options(
+      "usage: example_convergence [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B]\n"
+      "                           [--seed S] [--data digits.csv] [--quick]\n",
+      14);
+  options.value("--out", "DIR", config.out_dir, "where convergence.csv and convergence.svg go (default: " BATCHNORM_CONVERGENCE_OUT ")")
+      .value("--epochs", "N", config.epochs, "epochs per run (default 30; --quick: 5)")
+      .value("--lr", "LIST", config.learning_rates, "learning rates, comma-separated (default 0.01,0.1,0.5,2; --quick: 0.1,2)")
+      .value("--batch", "B", config.batch, "mini-batch size (default 32)")
+      .value("--seed", "S", config.seed, "seed of the initial weights and of the batch order (default 1)")
+      .value("--data", "PATH", config.data, "the digits CSV (default: the copy in the source tree)")
+      .flag("--quick", config.quick, "the short configuration ctest runs (--epochs and --lr override it)");
+  options.parse(argc, argv);
   if (config.quick) {
-    if (!epochs_given) config.epochs = 5;
-    if (!rates_given) config.learning_rates = {0.1, 2.0};
+    if (!options.given("--epochs")) config.epochs = 5;
+    if (!options.given("--lr")) config.learning_rates = {0.1, 2.0};
   }
   if (config.epochs < 1) throw std::invalid_argument("--epochs must be >= 1");
   if (config.batch < 2) throw std::invalid_argument("--batch must be >= 2 (BatchNorm needs 2 samples)");
@@ -146,56 +117,7 @@ Config parse_args(int argc, char** argv) {
 
 // ---- the network -----------------------------------------------------------------------
 
-/// y = x W^T + b on a batch of rows; W is out x in. Initialized as PyTorch's nn.Linear:
-/// uniform in +-1/sqrt(in) for weight and bias.
-struct Linear {
-  int in, out;
-  std::vector<float> w, b, gw, gb;
-
-  Linear(int in_features, int out_features, Rng& rng)
-      : in(in_features), out(out_features), w(static_cast<std::size_t>(in * out)), b(static_cast<std::size_t>(out)),
-        gw(w.size()), gb(b.size()) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    for (float& v : w) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-    for (float& v : b) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-  }
-
-  void forward(const float* x, int rows, float* y) const {
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        float acc = b[static_cast<std::size_t>(o)];
-        const float* wo = &w[static_cast<std::size_t>(o * in)];
-        const float* xn = x + static_cast<std::ptrdiff_t>(n) * in;
-        for (int i = 0; i < in; ++i) acc += wo[i] * xn[i];
-        y[static_cast<std::ptrdiff_t>(n) * out + o] = acc;
-      }
-  }
-
-  /// Writes gw, gb, and dx when not null.
-  void backward(const float* x, const float* dy, int rows, float* dx) {
-    std::fill(gw.begin(), gw.end(), 0.0f);
-    std::fill(gb.begin(), gb.end(), 0.0f);
-    if (dx) std::fill(dx, dx + static_cast<std::ptrdiff_t>(rows) * in, 0.0f);
-    for (int n = 0; n < rows; ++n) {
-      const float* xn = x + static_cast<std::ptrdiff_t>(n) * in;
-      for (int o = 0; o < out; ++o) {
-        const float g = dy[static_cast<std::ptrdiff_t>(n) * out + o];
-        gb[static_cast<std::size_t>(o)] += g;
-        float* gwo = &gw[static_cast<std::size_t>(o * in)];
-        const float* wo = &w[static_cast<std::size_t>(o * in)];
-        for (int i = 0; i < in; ++i) gwo[i] += g * xn[i];
-        if (dx)
-          for (int i = 0; i < in; ++i) dx[static_cast<std::ptrdiff_t>(n) * in + i] += g * wo[i];
-      }
-    }
-  }
-
-  void sgd(float lr) {
-    for (std::size_t i = 0; i < w.size(); ++i) w[i] -= lr * gw[i];
-    for (std::size_t i = 0; i < b.size(); ++i) b[i] -= lr * gb[i];
-  }
-};
-
+using Linear = examples::Linear<float>;  // common/linear.hpp: y = x W^T + b, PyTorch init, SGD step
 using BN = batchnorm::BatchNorm1d<float, batchnorm::cpu>;
 
 class Network {

@@ -67,7 +67,9 @@
 #include <batchnorm/cuda.cuh>
 #endif
 
+#include "common/cli.hpp"     // Options: the command-line table
 #include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
+#include "common/linear.hpp"  // Linear
 
 #include <algorithm>
 #include <chrono>
@@ -121,60 +123,24 @@ struct Config {
   bool quick = false;
 };
 
-const char* const kUsage =
-    "usage: example_cnn_experiments [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B] [--seed S]\n"
-    "                               [--target PCT] [--probe-every K] [--data digits.csv] [--quick]\n"
-    "  --out DIR        where the SVG and CSV files go (default: " BATCHNORM_CNN_OUT ")\n"
-    "  --epochs N       epochs per run (default 20; --quick: 6)\n"
-    "  --lr LIST        learning rates, comma-separated (default 0.03,0.3,3; --quick: 0.3,3)\n"
-    "  --batch B        mini-batch size (default 32)\n"
-    "  --seed S         seed of the initial weights and of the batch order (default 1)\n"
-    "  --target PCT     test accuracy for the 'epochs to reach' check (default 90)\n"
-    "  --probe-every K  steps between loss-landscape probes (default 15)\n"
-    "  --data PATH      the digits CSV (default: the copy in the source tree)\n"
-    "  --quick          the short configuration ctest runs (--epochs and --lr override it)\n";
-
 Config parse_args(int argc, char** argv) {
   Config config;
-  bool epochs_given = false, rates_given = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    } else if (arg == "--out") {
-      config.out_dir = value();
-    } else if (arg == "--data") {
-      config.data = value();
-    } else if (arg == "--epochs") {
-      config.epochs = std::stoi(value());
-      epochs_given = true;
-    } else if (arg == "--batch") {
-      config.batch = std::stoi(value());
-    } else if (arg == "--seed") {
-      config.seed = std::stoull(value());
-    } else if (arg == "--target") {
-      config.target = std::stod(value());
-    } else if (arg == "--probe-every") {
-      config.probe_every = std::stoi(value());
-    } else if (arg == "--lr") {
-      config.learning_rates.clear();
-      std::stringstream list(value());
-      for (std::string item; std::getline(list, item, ',');) config.learning_rates.push_back(std::stod(item));
-      rates_given = true;
-    } else if (arg == "--quick") {
-      config.quick = true;
-    } else {
-      throw std::invalid_argument("unknown argument " + arg + "\n" + kUsage);
-    }
-  }
+  examples::Options options(
+      "usage: example_cnn_experiments [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B] [--seed S]\n"
+      "                               [--target PCT] [--probe-every K] [--data digits.csv] [--quick]\n");
+  options.value("--out", "DIR", config.out_dir, "where the SVG and CSV files go (default: " BATCHNORM_CNN_OUT ")")
+      .value("--epochs", "N", config.epochs, "epochs per run (default 20; --quick: 6)")
+      .value("--lr", "LIST", config.learning_rates, "learning rates, comma-separated (default 0.03,0.3,3; --quick: 0.3,3)")
+      .value("--batch", "B", config.batch, "mini-batch size (default 32)")
+      .value("--seed", "S", config.seed, "seed of the initial weights and of the batch order (default 1)")
+      .value("--target", "PCT", config.target, "test accuracy for the 'epochs to reach' check (default 90)")
+      .value("--probe-every", "K", config.probe_every, "steps between loss-landscape probes (default 15)")
+      .value("--data", "PATH", config.data, "the digits CSV (default: the copy in the source tree)")
+      .flag("--quick", config.quick, "the short configuration ctest runs (--epochs and --lr override it)");
+  options.parse(argc, argv);
   if (config.quick) {
-    if (!epochs_given) config.epochs = 6;
-    if (!rates_given) config.learning_rates = {0.3, 3.0};
+    if (!options.given("--epochs")) config.epochs = 6;
+    if (!options.given("--lr")) config.learning_rates = {0.3, 3.0};
   }
   if (config.epochs < 1) throw std::invalid_argument("--epochs must be >= 1");
   if (config.batch < 2) throw std::invalid_argument("--batch must be >= 2 (BatchNorm needs 2 samples)");
@@ -280,43 +246,7 @@ void avg_pool2_backward(const float* dy, int planes, int side, float* dx) {
             0.25f * dy[static_cast<std::ptrdiff_t>(p) * half * half + (iy / 2) * half + ix / 2];
 }
 
-/// y = x W^T + b; PyTorch's default init (uniform in +-1/sqrt(in) for weight and bias).
-struct Linear {
-  int in, out;
-  std::vector<float> w, b, gw, gb;  // w: out x in
-
-  Linear(int in_features, int out_features, Rng& rng)
-      : in(in_features), out(out_features), w(static_cast<std::size_t>(in * out)), b(static_cast<std::size_t>(out)),
-        gw(w.size()), gb(b.size()) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    for (float& v : w) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-    for (float& v : b) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-  }
-
-  void forward(const float* x, int rows, float* y) const {
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        float acc = b[static_cast<std::size_t>(o)];
-        for (int i = 0; i < in; ++i) acc += w[static_cast<std::size_t>(o * in + i)] * x[static_cast<std::ptrdiff_t>(n) * in + i];
-        y[static_cast<std::ptrdiff_t>(n) * out + o] = acc;
-      }
-  }
-
-  void backward(const float* x, const float* dy, int rows, float* dx) {
-    std::fill(gw.begin(), gw.end(), 0.0f);
-    std::fill(gb.begin(), gb.end(), 0.0f);
-    std::fill(dx, dx + static_cast<std::ptrdiff_t>(rows) * in, 0.0f);
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        const float g = dy[static_cast<std::ptrdiff_t>(n) * out + o];
-        gb[static_cast<std::size_t>(o)] += g;
-        for (int i = 0; i < in; ++i) {
-          gw[static_cast<std::size_t>(o * in + i)] += g * x[static_cast<std::ptrdiff_t>(n) * in + i];
-          dx[static_cast<std::ptrdiff_t>(n) * in + i] += g * w[static_cast<std::size_t>(o * in + i)];
-        }
-      }
-  }
-};
+using Linear = examples::Linear<float>;  // common/linear.hpp: y = x W^T + b, PyTorch's default init
 
 // ---- the library's BatchNorm2d, called with host arrays ----------------------------------
 
