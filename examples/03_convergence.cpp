@@ -236,8 +236,8 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
   RunResult result{lr, batchnorm, {}};
   std::vector<int> rows(static_cast<std::size_t>(train_set.count()));
   std::iota(rows.begin(), rows.end(), 0);
-  std::vector<float> x, dlogits;
-  std::vector<int> labels;
+  Dataset batch;  // this step's rows
+  std::vector<float> dlogits;
   for (int epoch = 1; epoch <= config.epochs && !result.diverged; ++epoch) {
     order.shuffle(rows);
     double loss_sum = 0.0;
@@ -245,18 +245,11 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
     // Full batches, plus the remainder when it has at least 2 rows (BN needs 2).
     for (std::size_t begin = 0; begin + 2 <= rows.size(); begin += static_cast<std::size_t>(config.batch)) {
       const int count = static_cast<int>(std::min(rows.size() - begin, static_cast<std::size_t>(config.batch)));
-      x.clear();
-      labels.clear();
-      for (int k = 0; k < count; ++k) {
-        const int r = rows[begin + static_cast<std::size_t>(k)];
-        x.insert(x.end(), train_set.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels,
-                 train_set.x.begin() + static_cast<std::ptrdiff_t>(r + 1) * kPixels);
-        labels.push_back(train_set.label[static_cast<std::size_t>(r)]);
-      }
-      const LossResult batch = softmax_cross_entropy(net.forward(x.data(), count, true), labels.data(), count, &dlogits);
-      loss_sum += batch.loss;
+      digits::gather(train_set, &rows[begin], count, batch);
+      const LossResult loss = softmax_cross_entropy(net.forward(batch.x.data(), count, true), batch.label.data(), count, &dlogits);
+      loss_sum += loss.loss;
       ++batches;
-      if (!std::isfinite(batch.loss)) {
+      if (!std::isfinite(loss.loss)) {
         result.diverged = true;
         break;
       }

@@ -599,8 +599,7 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
   RunResult result{lr, batchnorm, {}, {}, {}, {}, {}};
   std::vector<int> rows(static_cast<std::size_t>(train_set.count()));
   std::iota(rows.begin(), rows.end(), 0);
-  std::vector<float> x, dlogits;
-  std::vector<int> labels;
+  Dataset batch;  // this step's rows
   auto test = [&](int epoch, double train_loss) {
     const LossResult on_test = softmax_cross_entropy(net.forward(test_set.x.data(), test_set.count(), false),
                                                      test_set.label.data(), test_set.count(), nullptr);
@@ -615,22 +614,15 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
     for (std::size_t begin = 0; begin + 2 <= rows.size(); begin += static_cast<std::size_t>(config.batch)) {
       if (max_steps >= 0 && step >= max_steps) return result;
       const int count = static_cast<int>(std::min(rows.size() - begin, static_cast<std::size_t>(config.batch)));
-      x.clear();
-      labels.clear();
-      for (int k = 0; k < count; ++k) {
-        const int r = rows[begin + static_cast<std::size_t>(k)];
-        x.insert(x.end(), train_set.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels,
-                 train_set.x.begin() + static_cast<std::ptrdiff_t>(r + 1) * kPixels);
-        labels.push_back(train_set.label[static_cast<std::size_t>(r)]);
-      }
+      digits::gather(train_set, &rows[begin], count, batch);
       if (max_steps < 0 && step % config.probe_every == 0)
-        result.probes.push_back(probe(net, x.data(), labels.data(), count, lr, step));
-      const LossResult batch = loss_and_gradient(net, x.data(), labels.data(), count, true);
-      result.step_loss.push_back(batch.loss);
+        result.probes.push_back(probe(net, batch.x.data(), batch.label.data(), count, lr, step));
+      const LossResult loss = loss_and_gradient(net, batch.x.data(), batch.label.data(), count, true);
+      result.step_loss.push_back(loss.loss);
       ++step;
-      loss_sum += batch.loss;
+      loss_sum += loss.loss;
       ++batches;
-      if (!std::isfinite(batch.loss)) {
+      if (!std::isfinite(loss.loss)) {
         result.diverged = true;
         break;
       }

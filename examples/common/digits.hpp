@@ -57,13 +57,21 @@ inline Dataset load_digits(const std::string& path) {
   return d;
 }
 
+/// Rows @p rows[0 .. count) of @p d, in that order, into @p batch (a mini-batch: its buffers
+/// are reused from one call to the next).
+inline void gather(const Dataset& d, const int* rows, int count, Dataset& batch) {
+  batch.x.clear();
+  batch.label.clear();
+  for (int k = 0; k < count; ++k) {
+    const auto begin = d.x.begin() + static_cast<std::ptrdiff_t>(rows[k]) * kPixels;
+    batch.x.insert(batch.x.end(), begin, begin + kPixels);
+    batch.label.push_back(d.label[static_cast<std::size_t>(rows[k])]);
+  }
+}
+
 inline Dataset subset(const Dataset& d, const std::vector<int>& rows) {
   Dataset s;
-  for (int r : rows) {
-    const auto begin = d.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels;
-    s.x.insert(s.x.end(), begin, begin + kPixels);
-    s.label.push_back(d.label[static_cast<std::size_t>(r)]);
-  }
+  gather(d, rows.data(), static_cast<int>(rows.size()), s);
   return s;
 }
 
