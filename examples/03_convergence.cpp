@@ -38,6 +38,7 @@
 #include "common/cli.hpp"     // Options: the command-line table
 #include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
 #include "common/linear.hpp"  // Linear
+#include "common/svg.hpp"     // SvgDocument, kBnColor, kPlainColor
 
 #ifndef BATCHNORM_CONVERGENCE_OUT
 #define BATCHNORM_CONVERGENCE_OUT "convergence"  // CMake sets it to <build>/examples/convergence
@@ -74,6 +75,8 @@ using digits::kPixels;
 using digits::LossResult;
 using digits::Rng;
 using digits::softmax_cross_entropy;
+using examples::kBnColor;
+using examples::kPlainColor;
 
 constexpr int kHidden = 64;
 
@@ -290,13 +293,10 @@ class SvgPlot {
     const int columns = static_cast<int>(rates_.size());
     const double width = kLeft + columns * kPanelW + (columns - 1) * kGapX + kRight;
     const double height = kTop + 2 * kPanelH + kGapY + kBottom;
-    std::ostringstream s;
-    s << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
-      << "\" viewBox=\"0 0 " << width << ' ' << height << "\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n"
-      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    s << text(width / 2, 24, "MLP on 8x8 handwritten digits, plain SGD: with and without batchnorm::BatchNorm1d",
-              "middle", 16, "bold");
-    legend(s, width / 2, 48);
+    examples::SvgDocument svg(width, height);
+    svg.text(width / 2, 24, "MLP on 8x8 handwritten digits, plain SGD: with and without batchnorm::BatchNorm1d",
+             "middle", 16, "bold");
+    legend(svg, width / 2, 48);
 
     // Loss axis: decades spanning every finite training loss.
     double lo = INFINITY, hi = 0.0;
@@ -312,12 +312,12 @@ class SvgPlot {
     for (int col = 0; col < columns; ++col) {
       const double x0 = kLeft + col * (kPanelW + kGapX);
       const double lr = rates_[static_cast<std::size_t>(col)];
-      s << text(x0 + kPanelW / 2, kTop - 10, "learning rate " + format(lr, "%g"), "middle", 14, "bold");
+      svg.text(x0 + kPanelW / 2, kTop - 10, "learning rate " + format(lr, "%g"), "middle", 14, "bold");
       for (int row = 0; row < 2; ++row) {
         const double y0 = kTop + row * (kPanelH + kGapY);
         const bool loss = row == 0;
         Axis ya = loss ? Axis{lo_exp, hi_exp, true} : Axis{0.0, 100.0, false};
-        panel(s, x0, y0, ya, col == 0 ? (loss ? "training loss (log scale)" : "test accuracy (%)") : "");
+        panel(svg, x0, y0, ya, col == 0 ? (loss ? "training loss (log scale)" : "test accuracy (%)") : "");
         for (const RunResult& r : runs_) {
           if (r.lr != lr) continue;
           std::vector<std::pair<double, double>> pts;
@@ -325,26 +325,20 @@ class SvgPlot {
             const double v = loss ? e.train_loss : e.test_accuracy;
             if (std::isfinite(v) && (!loss || v > 0)) pts.emplace_back(e.epoch, v);
           }
-          series(s, x0, y0, ya, pts, r.batchnorm);
+          series(svg, x0, y0, ya, pts, r.batchnorm);
           if (r.diverged && !pts.empty()) {  // mark where training stopped
             const double px = x0 + sx(pts.back().first), py = y0 + ya.map(pts.back().second);
-            s << text(px + 6, py + 5, "diverged", "start", 12, "bold", r.batchnorm ? kBnColor : kPlainColor);
+            svg.text(px + 6, py + 5, "diverged", "start", 12, "bold", r.batchnorm ? kBnColor : kPlainColor);
           }
         }
       }
     }
-    s << "</svg>\n";
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("cannot write " + path);
-    out << s.str();
-    if (!out) throw std::runtime_error("error writing " + path);
+    svg.save(path);
   }
 
  private:
   static constexpr double kLeft = 80, kRight = 20, kTop = 90, kBottom = 50;
   static constexpr double kPanelW = 260, kPanelH = 190, kGapX = 55, kGapY = 60;
-  static constexpr const char* kBnColor = "#1f77b4";
-  static constexpr const char* kPlainColor = "#e6550d";
 
   /// A vertical axis: linear in [lo, hi], or decades 10^lo .. 10^hi.
   struct Axis {
@@ -360,49 +354,33 @@ class SvgPlot {
     return epochs_ <= 1 ? kPanelW / 2 : kPanelW * (epoch - 1.0) / (epochs_ - 1.0);
   }
 
-  static std::string text(double x, double y, const std::string& content, const char* anchor, int size,
-                          const char* weight = "normal", const char* color = "#222") {
-    std::ostringstream s;
-    s << "<text x=\"" << x << "\" y=\"" << y << "\" text-anchor=\"" << anchor << "\" font-size=\"" << size
-      << "\" font-weight=\"" << weight << "\" fill=\"" << color << "\">" << content << "</text>\n";
-    return s.str();
+  static void legend(examples::SvgDocument& svg, double cx, double y) {
+    svg.line(cx - 230, y, cx - 190, y, kBnColor, 2.5);
+    svg.text(cx - 184, y + 5, "with BatchNorm", "start", 13);
+    svg.line(cx - 40, y, cx, y, kPlainColor, 2.5, "7,4");
+    svg.text(cx + 6, y + 5, "without (plain)", "start", 13);
+    svg.text(cx + 130, y + 5, "same initial weights, batches and rate", "start", 12, "normal", "#555");
   }
 
-  static void line(std::ostringstream& s, double x1, double y1, double x2, double y2, const char* color,
-                   double w, const char* dash = nullptr) {
-    s << "<line x1=\"" << x1 << "\" y1=\"" << y1 << "\" x2=\"" << x2 << "\" y2=\"" << y2 << "\" stroke=\""
-      << color << "\" stroke-width=\"" << w << '"';
-    if (dash) s << " stroke-dasharray=\"" << dash << '"';
-    s << "/>\n";
-  }
-
-  static void legend(std::ostringstream& s, double cx, double y) {
-    line(s, cx - 230, y, cx - 190, y, kBnColor, 2.5);
-    s << text(cx - 184, y + 5, "with BatchNorm", "start", 13);
-    line(s, cx - 40, y, cx, y, kPlainColor, 2.5, "7,4");
-    s << text(cx + 6, y + 5, "without (plain)", "start", 13);
-    s << text(cx + 130, y + 5, "same initial weights, batches and rate", "start", 12, "normal", "#555");
-  }
-
-  void panel(std::ostringstream& s, double x0, double y0, const Axis& ya, const std::string& ylabel) const {
-    s << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << kPanelW << "\" height=\"" << kPanelH
-      << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
+  void panel(examples::SvgDocument& svg, double x0, double y0, const Axis& ya, const std::string& ylabel) const {
+    svg.raw() << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << kPanelW << "\" height=\"" << kPanelH
+              << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
     // Horizontal grid and labels.
     if (ya.log) {
       for (double e = ya.lo; e <= ya.hi + 1e-9; e += 1.0) {
         const double v = std::pow(10.0, e), py = y0 + ya.map(v);
-        line(s, x0, py, x0 + kPanelW, py, "#ddd", 1);
-        s << text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
+        svg.line(x0, py, x0 + kPanelW, py, "#ddd", 1);
+        svg.text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
       }
     } else {
       for (double v = ya.lo; v <= ya.hi + 1e-9; v += 20.0) {
         const double py = y0 + ya.map(v);
-        line(s, x0, py, x0 + kPanelW, py, "#ddd", 1);
-        s << text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
+        svg.line(x0, py, x0 + kPanelW, py, "#ddd", 1);
+        svg.text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
       }
       const double p90 = y0 + ya.map(90.0);  // the 90 % mark used in the summary
-      line(s, x0, p90, x0 + kPanelW, p90, "#999", 1, "2,3");
-      s << text(x0 + kPanelW - 4, p90 - 4, "90 %", "end", 10, "normal", "#777");
+      svg.line(x0, p90, x0 + kPanelW, p90, "#999", 1, "2,3");
+      svg.text(x0 + kPanelW - 4, p90 - 4, "90 %", "end", 10, "normal", "#777");
     }
     // Epoch ticks at a round step.
     int step = 1;
@@ -413,27 +391,27 @@ class SvgPlot {
       }
     for (int e = 1; e <= epochs_; e += (e == 1 && step > 1 ? step - 1 : step)) {
       const double px = x0 + sx(e);
-      line(s, px, y0 + kPanelH, px, y0 + kPanelH + 4, "#666", 1);
-      s << text(px, y0 + kPanelH + 17, std::to_string(e), "middle", 11);
+      svg.line(px, y0 + kPanelH, px, y0 + kPanelH + 4, "#666", 1);
+      svg.text(px, y0 + kPanelH + 17, std::to_string(e), "middle", 11);
     }
-    s << text(x0 + kPanelW / 2, y0 + kPanelH + 35, "epoch", "middle", 12);
+    svg.text(x0 + kPanelW / 2, y0 + kPanelH + 35, "epoch", "middle", 12);
     if (!ylabel.empty()) {
       const double cx = x0 - 52, cy = y0 + kPanelH / 2;
-      s << "<text x=\"" << cx << "\" y=\"" << cy << "\" text-anchor=\"middle\" font-size=\"12\" fill=\"#222\""
-        << " transform=\"rotate(-90 " << cx << ' ' << cy << ")\">" << ylabel << "</text>\n";
+      svg.raw() << "<text x=\"" << cx << "\" y=\"" << cy << "\" text-anchor=\"middle\" font-size=\"12\" fill=\"#222\""
+                << " transform=\"rotate(-90 " << cx << ' ' << cy << ")\">" << ylabel << "</text>\n";
     }
   }
 
-  void series(std::ostringstream& s, double x0, double y0, const Axis& ya,
+  void series(examples::SvgDocument& svg, double x0, double y0, const Axis& ya,
               const std::vector<std::pair<double, double>>& pts, bool batchnorm) const {
     if (pts.empty()) return;
-    s << "<polyline fill=\"none\" stroke=\"" << (batchnorm ? kBnColor : kPlainColor) << "\" stroke-width=\"2.2\""
-      << (batchnorm ? "" : " stroke-dasharray=\"7,4\"") << " points=\"";
-    for (const auto& [e, v] : pts) s << x0 + sx(e) << ',' << y0 + ya.map(v) << ' ';
-    s << "\"/>\n";
+    svg.raw() << "<polyline fill=\"none\" stroke=\"" << (batchnorm ? kBnColor : kPlainColor) << "\" stroke-width=\"2.2\""
+              << (batchnorm ? "" : " stroke-dasharray=\"7,4\"") << " points=\"";
+    for (const auto& [e, v] : pts) svg.raw() << x0 + sx(e) << ',' << y0 + ya.map(v) << ' ';
+    svg.raw() << "\"/>\n";
     if (pts.size() == 1)
-      s << "<circle cx=\"" << x0 + sx(pts[0].first) << "\" cy=\"" << y0 + ya.map(pts[0].second)
-        << "\" r=\"3\" fill=\"" << (batchnorm ? kBnColor : kPlainColor) << "\"/>\n";
+      svg.raw() << "<circle cx=\"" << x0 + sx(pts[0].first) << "\" cy=\"" << y0 + ya.map(pts[0].second)
+                << "\" r=\"3\" fill=\"" << (batchnorm ? kBnColor : kPlainColor) << "\"/>\n";
   }
 
   const std::vector<RunResult>& runs_;

@@ -70,6 +70,7 @@
 #include "common/cli.hpp"     // Options: the command-line table
 #include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
 #include "common/linear.hpp"  // Linear
+#include "common/svg.hpp"     // SvgDocument, kBnColor, kPlainColor
 
 #include <algorithm>
 #include <chrono>
@@ -780,8 +781,8 @@ bool self_test(const Dataset& train_set) {
 
 // ---- plots: plain SVG ----------------------------------------------------------------------
 
-constexpr const char* kBnColor = "#1f77b4";     // with BatchNorm: blue, solid
-constexpr const char* kPlainColor = "#e6550d";  // plain: orange, dashed
+using examples::kBnColor;     // common/svg.hpp: with BatchNorm blue, solid;
+using examples::kPlainColor;  // plain orange, dashed
 
 /// A value axis, linear in [lo, hi] or logarithmic over the decades 10^lo .. 10^hi.
 struct Axis {
@@ -817,59 +818,22 @@ struct Axis {
   }
 };
 
-/// An SVG document made of panels (plot areas with two axes).
-class Svg {
+/// An SVG document (common/svg.hpp) made of panels (plot areas with two axes).
+class Svg : public examples::SvgDocument {
  public:
-  Svg(double width, double height) : width_(width) {
-    s_ << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
-       << "\" viewBox=\"0 0 " << width << ' ' << height << "\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n"
-       << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-  }
+  using SvgDocument::SvgDocument;
 
-  void text(double x, double y, const std::string& content, const char* anchor = "middle", int size = 12,
-            const char* weight = "normal", const char* color = "#222", double rotate = 0) {
-    s_ << "<text x=\"" << x << "\" y=\"" << y << "\" text-anchor=\"" << anchor << "\" font-size=\"" << size
-       << "\" font-weight=\"" << weight << "\" fill=\"" << color << '"';
-    if (rotate != 0) s_ << " transform=\"rotate(" << rotate << ' ' << x << ' ' << y << ")\"";
-    s_ << '>' << content << "</text>\n";
-  }
-  void line(double x1, double y1, double x2, double y2, const char* color, double w, const char* dash = nullptr) {
-    s_ << "<line x1=\"" << x1 << "\" y1=\"" << y1 << "\" x2=\"" << x2 << "\" y2=\"" << y2 << "\" stroke=\"" << color
-       << "\" stroke-width=\"" << w << '"';
-    if (dash) s_ << " stroke-dasharray=\"" << dash << '"';
-    s_ << "/>\n";
-  }
-  /// An open line (@p fill_opacity 0) or a closed shaded shape through points in pixels.
-  void path(const std::vector<std::pair<double, double>>& pts, const char* color, double w, const char* dash,
-            double fill_opacity = 0.0) {
-    if (pts.empty()) return;
-    s_ << (fill_opacity > 0 ? "<polygon" : "<polyline") << " points=\"";
-    for (const auto& [x, y] : pts) s_ << x << ',' << y << ' ';
-    s_ << "\" stroke=\"" << color << "\" stroke-width=\"" << w << '"';
-    if (fill_opacity > 0) s_ << " fill=\"" << color << "\" fill-opacity=\"" << fill_opacity << '"';
-    else s_ << " fill=\"none\"";
-    if (dash) s_ << " stroke-dasharray=\"" << dash << '"';
-    s_ << "/>\n";
-  }
   void title(const std::string& title, const std::string& subtitle) {
-    text(width_ / 2, 24, title, "middle", 16, "bold");
-    text(width_ / 2, 44, subtitle, "middle", 12, "normal", "#555");
+    text(width() / 2, 24, title, "middle", 16, "bold");
+    text(width() / 2, 44, subtitle, "middle", 12, "normal", "#555");
   }
   void legend(double y) {
-    const double cx = width_ / 2;
+    const double cx = width() / 2;
     line(cx - 170, y, cx - 130, y, kBnColor, 2.5);
     text(cx - 124, y + 5, "with BatchNorm2d", "start", 13);
     line(cx + 20, y, cx + 60, y, kPlainColor, 2.5, "7,4");
     text(cx + 66, y + 5, "without (plain)", "start", 13);
   }
-  void save(const std::string& path) {
-    s_ << "</svg>\n";
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("cannot write " + path);
-    out << s_.str();
-    if (!out) throw std::runtime_error("error writing " + path);
-  }
-
   /// A plot area at (x0, y0) of w x h pixels; frame() draws the box, grid and labels.
   struct Panel {
     Svg& svg;
@@ -878,8 +842,8 @@ class Svg {
     [[nodiscard]] double px(double v) const { return x0 + w * xa.at(v); }
     [[nodiscard]] double py(double v) const { return y0 + h * (1.0 - ya.at(v)); }
     void frame(const std::string& xlabel, const std::string& ylabel, const std::string& heading = "") const {
-      svg.s_ << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << w << "\" height=\"" << h
-             << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
+      svg.raw() << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << w << "\" height=\"" << h
+                << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
       for (double v : ya.ticks()) {
         svg.line(x0, py(v), x0 + w, py(v), "#ddd", 1);
         svg.text(x0 - 5, py(v) + 4, format(v, "%g"), "end", 10);
@@ -912,10 +876,6 @@ class Svg {
     }
   };
   Panel panel(double x0, double y0, double w, double h, Axis xa, Axis ya) { return {*this, x0, y0, w, h, xa, ya}; }
-
- private:
-  std::ostringstream s_;
-  double width_;
 };
 
 constexpr double kLeft = 75, kTop = 95, kPanelW = 280, kPanelH = 180, kGapX = 60, kGapY = 75;
