@@ -30,6 +30,8 @@
 #include <batchnorm/cuda.cuh>
 #endif
 
+#include "common/rng.hpp"  // Rng
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -51,25 +53,7 @@ constexpr double kLearningRate = 2.0;
 
 // ---- deterministic data -----------------------------------------------------------------
 
-/// splitmix64: the same numbers on every platform and compiler.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-  double uniform() {  // in [0, 1)
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    return static_cast<double>(z >> 11) * 0x1.0p-53;
-  }
-  double normal() {  // Box-Muller
-    const double u1 = 1.0 - uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-  }
-
- private:
-  std::uint64_t state_;
-};
+using examples::Rng;  // common/rng.hpp: splitmix64, the same numbers on every platform and compiler
 
 struct Problem {
   std::vector<double> channel_mean{3.0, -1.0, 10.0, 0.0};  // distribution of each channel

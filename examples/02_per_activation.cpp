@@ -20,6 +20,8 @@
 
 #include <batchnorm/batchnorm.hpp>
 
+#include "common/rng.hpp"  // Rng
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,25 +42,7 @@ constexpr std::int64_t NUMEL = N * F;  // elements of one batch
 constexpr int kSteps = 3;
 constexpr float kLearningRate = 0.1f;
 
-/// splitmix64: a small deterministic generator, so every platform sees the same data.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-  double uniform() {  // in [0, 1)
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    return static_cast<double>(z >> 11) * 0x1.0p-53;
-  }
-  double normal() {  // Box-Muller
-    const double u1 = 1.0 - uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-  }
-
- private:
-  std::uint64_t state_;
-};
+using examples::Rng;  // common/rng.hpp: splitmix64, the same numbers on every platform and compiler
 
 /// Records the largest difference seen per check and whether it stayed within tolerance.
 class Checker {

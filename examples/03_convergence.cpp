@@ -35,7 +35,10 @@
 
 #include <batchnorm/batchnorm.hpp>
 
+#include "common/cli.hpp"     // Options: the command-line table
 #include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
+#include "common/linear.hpp"  // Linear
+#include "common/svg.hpp"     // SvgDocument, kBnColor, kPlainColor
 
 #ifndef BATCHNORM_CONVERGENCE_OUT
 #define BATCHNORM_CONVERGENCE_OUT "convergence"  // CMake sets it to <build>/examples/convergence
@@ -72,6 +75,8 @@ using digits::kPixels;
 using digits::LossResult;
 using digits::Rng;
 using digits::softmax_cross_entropy;
+using examples::kBnColor;
+using examples::kPlainColor;
 
 constexpr int kHidden = 64;
 
@@ -87,54 +92,23 @@ struct Config {
   bool quick = false;
 };
 
-const char* const kUsage =
-    "usage: example_convergence [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B]\n"
-    "                           [--seed S] [--data digits.csv] [--quick]\n"
-    "  --out DIR     where convergence.csv and convergence.svg go (default: " BATCHNORM_CONVERGENCE_OUT ")\n"
-    "  --epochs N    epochs per run (default 30; --quick: 5)\n"
-    "  --lr LIST     learning rates, comma-separated (default 0.01,0.1,0.5,2; --quick: 0.1,2)\n"
-    "  --batch B     mini-batch size (default 32)\n"
-    "  --seed S      seed of the initial weights and of the batch order (default 1)\n"
-    "  --data PATH   the digits CSV (default: the copy in the source tree)\n"
-    "  --quick       the short configuration ctest runs (--epochs and --lr override it)\n";
-
 Config parse_args(int argc, char** argv) {
   Config config;
-  bool epochs_given = false, rates_given = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    } else if (arg == "--out") {
-      config.out_dir = value();
-    } else if (arg == "--data") {
-      config.data = value();
-    } else if (arg == "--epochs") {
-      config.epochs = std::stoi(value());
-      epochs_given = true;
-    } else if (arg == "--batch") {
-      config.batch = std::stoi(value());
-    } else if (arg == "--seed") {
-      config.seed = std::stoull(value());
-    } else if (arg == "--lr") {
-      config.learning_rates.clear();
-      std::stringstream list(value());
-      for (std::string item; std::getline(list, item, ',');) config.learning_rates.push_back(std::stod(item));
-      rates_given = true;
-    } else if (arg == "--quick") {
-      config.quick = true;
-    } else {
-      throw std::invalid_argument("unknown argument " + arg + "\n" + kUsage);
-    }
-  }
+  examples::Options options(
+      "usage: example_convergence [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B]\n"
+      "                           [--seed S] [--data digits.csv] [--quick]\n",
+      14);
+  options.value("--out", "DIR", config.out_dir, "where convergence.csv and convergence.svg go (default: " BATCHNORM_CONVERGENCE_OUT ")")
+      .value("--epochs", "N", config.epochs, "epochs per run (default 30; --quick: 5)")
+      .value("--lr", "LIST", config.learning_rates, "learning rates, comma-separated (default 0.01,0.1,0.5,2; --quick: 0.1,2)")
+      .value("--batch", "B", config.batch, "mini-batch size (default 32)")
+      .value("--seed", "S", config.seed, "seed of the initial weights and of the batch order (default 1)")
+      .value("--data", "PATH", config.data, "the digits CSV (default: the copy in the source tree)")
+      .flag("--quick", config.quick, "the short configuration ctest runs (--epochs and --lr override it)");
+  options.parse(argc, argv);
   if (config.quick) {
-    if (!epochs_given) config.epochs = 5;
-    if (!rates_given) config.learning_rates = {0.1, 2.0};
+    if (!options.given("--epochs")) config.epochs = 5;
+    if (!options.given("--lr")) config.learning_rates = {0.1, 2.0};
   }
   if (config.epochs < 1) throw std::invalid_argument("--epochs must be >= 1");
   if (config.batch < 2) throw std::invalid_argument("--batch must be >= 2 (BatchNorm needs 2 samples)");
@@ -146,56 +120,7 @@ Config parse_args(int argc, char** argv) {
 
 // ---- the network -----------------------------------------------------------------------
 
-/// y = x W^T + b on a batch of rows; W is out x in. Initialized as PyTorch's nn.Linear:
-/// uniform in +-1/sqrt(in) for weight and bias.
-struct Linear {
-  int in, out;
-  std::vector<float> w, b, gw, gb;
-
-  Linear(int in_features, int out_features, Rng& rng)
-      : in(in_features), out(out_features), w(static_cast<std::size_t>(in * out)), b(static_cast<std::size_t>(out)),
-        gw(w.size()), gb(b.size()) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    for (float& v : w) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-    for (float& v : b) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-  }
-
-  void forward(const float* x, int rows, float* y) const {
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        float acc = b[static_cast<std::size_t>(o)];
-        const float* wo = &w[static_cast<std::size_t>(o * in)];
-        const float* xn = x + static_cast<std::ptrdiff_t>(n) * in;
-        for (int i = 0; i < in; ++i) acc += wo[i] * xn[i];
-        y[static_cast<std::ptrdiff_t>(n) * out + o] = acc;
-      }
-  }
-
-  /// Writes gw, gb, and dx when not null.
-  void backward(const float* x, const float* dy, int rows, float* dx) {
-    std::fill(gw.begin(), gw.end(), 0.0f);
-    std::fill(gb.begin(), gb.end(), 0.0f);
-    if (dx) std::fill(dx, dx + static_cast<std::ptrdiff_t>(rows) * in, 0.0f);
-    for (int n = 0; n < rows; ++n) {
-      const float* xn = x + static_cast<std::ptrdiff_t>(n) * in;
-      for (int o = 0; o < out; ++o) {
-        const float g = dy[static_cast<std::ptrdiff_t>(n) * out + o];
-        gb[static_cast<std::size_t>(o)] += g;
-        float* gwo = &gw[static_cast<std::size_t>(o * in)];
-        const float* wo = &w[static_cast<std::size_t>(o * in)];
-        for (int i = 0; i < in; ++i) gwo[i] += g * xn[i];
-        if (dx)
-          for (int i = 0; i < in; ++i) dx[static_cast<std::ptrdiff_t>(n) * in + i] += g * wo[i];
-      }
-    }
-  }
-
-  void sgd(float lr) {
-    for (std::size_t i = 0; i < w.size(); ++i) w[i] -= lr * gw[i];
-    for (std::size_t i = 0; i < b.size(); ++i) b[i] -= lr * gb[i];
-  }
-};
-
+using Linear = examples::Linear<float>;  // common/linear.hpp: y = x W^T + b, PyTorch init, SGD step
 using BN = batchnorm::BatchNorm1d<float, batchnorm::cpu>;
 
 class Network {
@@ -314,8 +239,8 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
   RunResult result{lr, batchnorm, {}};
   std::vector<int> rows(static_cast<std::size_t>(train_set.count()));
   std::iota(rows.begin(), rows.end(), 0);
-  std::vector<float> x, dlogits;
-  std::vector<int> labels;
+  Dataset batch;  // this step's rows
+  std::vector<float> dlogits;
   for (int epoch = 1; epoch <= config.epochs && !result.diverged; ++epoch) {
     order.shuffle(rows);
     double loss_sum = 0.0;
@@ -323,18 +248,11 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
     // Full batches, plus the remainder when it has at least 2 rows (BN needs 2).
     for (std::size_t begin = 0; begin + 2 <= rows.size(); begin += static_cast<std::size_t>(config.batch)) {
       const int count = static_cast<int>(std::min(rows.size() - begin, static_cast<std::size_t>(config.batch)));
-      x.clear();
-      labels.clear();
-      for (int k = 0; k < count; ++k) {
-        const int r = rows[begin + static_cast<std::size_t>(k)];
-        x.insert(x.end(), train_set.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels,
-                 train_set.x.begin() + static_cast<std::ptrdiff_t>(r + 1) * kPixels);
-        labels.push_back(train_set.label[static_cast<std::size_t>(r)]);
-      }
-      const LossResult batch = softmax_cross_entropy(net.forward(x.data(), count, true), labels.data(), count, &dlogits);
-      loss_sum += batch.loss;
+      digits::gather(train_set, &rows[begin], count, batch);
+      const LossResult loss = softmax_cross_entropy(net.forward(batch.x.data(), count, true), batch.label.data(), count, &dlogits);
+      loss_sum += loss.loss;
       ++batches;
-      if (!std::isfinite(batch.loss)) {
+      if (!std::isfinite(loss.loss)) {
         result.diverged = true;
         break;
       }
@@ -375,13 +293,10 @@ class SvgPlot {
     const int columns = static_cast<int>(rates_.size());
     const double width = kLeft + columns * kPanelW + (columns - 1) * kGapX + kRight;
     const double height = kTop + 2 * kPanelH + kGapY + kBottom;
-    std::ostringstream s;
-    s << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
-      << "\" viewBox=\"0 0 " << width << ' ' << height << "\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n"
-      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    s << text(width / 2, 24, "MLP on 8x8 handwritten digits, plain SGD: with and without batchnorm::BatchNorm1d",
-              "middle", 16, "bold");
-    legend(s, width / 2, 48);
+    examples::SvgDocument svg(width, height);
+    svg.text(width / 2, 24, "MLP on 8x8 handwritten digits, plain SGD: with and without batchnorm::BatchNorm1d",
+             "middle", 16, "bold");
+    legend(svg, width / 2, 48);
 
     // Loss axis: decades spanning every finite training loss.
     double lo = INFINITY, hi = 0.0;
@@ -397,12 +312,12 @@ class SvgPlot {
     for (int col = 0; col < columns; ++col) {
       const double x0 = kLeft + col * (kPanelW + kGapX);
       const double lr = rates_[static_cast<std::size_t>(col)];
-      s << text(x0 + kPanelW / 2, kTop - 10, "learning rate " + format(lr, "%g"), "middle", 14, "bold");
+      svg.text(x0 + kPanelW / 2, kTop - 10, "learning rate " + format(lr, "%g"), "middle", 14, "bold");
       for (int row = 0; row < 2; ++row) {
         const double y0 = kTop + row * (kPanelH + kGapY);
         const bool loss = row == 0;
         Axis ya = loss ? Axis{lo_exp, hi_exp, true} : Axis{0.0, 100.0, false};
-        panel(s, x0, y0, ya, col == 0 ? (loss ? "training loss (log scale)" : "test accuracy (%)") : "");
+        panel(svg, x0, y0, ya, col == 0 ? (loss ? "training loss (log scale)" : "test accuracy (%)") : "");
         for (const RunResult& r : runs_) {
           if (r.lr != lr) continue;
           std::vector<std::pair<double, double>> pts;
@@ -410,26 +325,20 @@ class SvgPlot {
             const double v = loss ? e.train_loss : e.test_accuracy;
             if (std::isfinite(v) && (!loss || v > 0)) pts.emplace_back(e.epoch, v);
           }
-          series(s, x0, y0, ya, pts, r.batchnorm);
+          series(svg, x0, y0, ya, pts, r.batchnorm);
           if (r.diverged && !pts.empty()) {  // mark where training stopped
             const double px = x0 + sx(pts.back().first), py = y0 + ya.map(pts.back().second);
-            s << text(px + 6, py + 5, "diverged", "start", 12, "bold", r.batchnorm ? kBnColor : kPlainColor);
+            svg.text(px + 6, py + 5, "diverged", "start", 12, "bold", r.batchnorm ? kBnColor : kPlainColor);
           }
         }
       }
     }
-    s << "</svg>\n";
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("cannot write " + path);
-    out << s.str();
-    if (!out) throw std::runtime_error("error writing " + path);
+    svg.save(path);
   }
 
  private:
   static constexpr double kLeft = 80, kRight = 20, kTop = 90, kBottom = 50;
   static constexpr double kPanelW = 260, kPanelH = 190, kGapX = 55, kGapY = 60;
-  static constexpr const char* kBnColor = "#1f77b4";
-  static constexpr const char* kPlainColor = "#e6550d";
 
   /// A vertical axis: linear in [lo, hi], or decades 10^lo .. 10^hi.
   struct Axis {
@@ -445,49 +354,33 @@ class SvgPlot {
     return epochs_ <= 1 ? kPanelW / 2 : kPanelW * (epoch - 1.0) / (epochs_ - 1.0);
   }
 
-  static std::string text(double x, double y, const std::string& content, const char* anchor, int size,
-                          const char* weight = "normal", const char* color = "#222") {
-    std::ostringstream s;
-    s << "<text x=\"" << x << "\" y=\"" << y << "\" text-anchor=\"" << anchor << "\" font-size=\"" << size
-      << "\" font-weight=\"" << weight << "\" fill=\"" << color << "\">" << content << "</text>\n";
-    return s.str();
+  static void legend(examples::SvgDocument& svg, double cx, double y) {
+    svg.line(cx - 230, y, cx - 190, y, kBnColor, 2.5);
+    svg.text(cx - 184, y + 5, "with BatchNorm", "start", 13);
+    svg.line(cx - 40, y, cx, y, kPlainColor, 2.5, "7,4");
+    svg.text(cx + 6, y + 5, "without (plain)", "start", 13);
+    svg.text(cx + 130, y + 5, "same initial weights, batches and rate", "start", 12, "normal", "#555");
   }
 
-  static void line(std::ostringstream& s, double x1, double y1, double x2, double y2, const char* color,
-                   double w, const char* dash = nullptr) {
-    s << "<line x1=\"" << x1 << "\" y1=\"" << y1 << "\" x2=\"" << x2 << "\" y2=\"" << y2 << "\" stroke=\""
-      << color << "\" stroke-width=\"" << w << '"';
-    if (dash) s << " stroke-dasharray=\"" << dash << '"';
-    s << "/>\n";
-  }
-
-  static void legend(std::ostringstream& s, double cx, double y) {
-    line(s, cx - 230, y, cx - 190, y, kBnColor, 2.5);
-    s << text(cx - 184, y + 5, "with BatchNorm", "start", 13);
-    line(s, cx - 40, y, cx, y, kPlainColor, 2.5, "7,4");
-    s << text(cx + 6, y + 5, "without (plain)", "start", 13);
-    s << text(cx + 130, y + 5, "same initial weights, batches and rate", "start", 12, "normal", "#555");
-  }
-
-  void panel(std::ostringstream& s, double x0, double y0, const Axis& ya, const std::string& ylabel) const {
-    s << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << kPanelW << "\" height=\"" << kPanelH
-      << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
+  void panel(examples::SvgDocument& svg, double x0, double y0, const Axis& ya, const std::string& ylabel) const {
+    svg.raw() << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << kPanelW << "\" height=\"" << kPanelH
+              << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
     // Horizontal grid and labels.
     if (ya.log) {
       for (double e = ya.lo; e <= ya.hi + 1e-9; e += 1.0) {
         const double v = std::pow(10.0, e), py = y0 + ya.map(v);
-        line(s, x0, py, x0 + kPanelW, py, "#ddd", 1);
-        s << text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
+        svg.line(x0, py, x0 + kPanelW, py, "#ddd", 1);
+        svg.text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
       }
     } else {
       for (double v = ya.lo; v <= ya.hi + 1e-9; v += 20.0) {
         const double py = y0 + ya.map(v);
-        line(s, x0, py, x0 + kPanelW, py, "#ddd", 1);
-        s << text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
+        svg.line(x0, py, x0 + kPanelW, py, "#ddd", 1);
+        svg.text(x0 - 6, py + 4, format(v, "%g"), "end", 11);
       }
       const double p90 = y0 + ya.map(90.0);  // the 90 % mark used in the summary
-      line(s, x0, p90, x0 + kPanelW, p90, "#999", 1, "2,3");
-      s << text(x0 + kPanelW - 4, p90 - 4, "90 %", "end", 10, "normal", "#777");
+      svg.line(x0, p90, x0 + kPanelW, p90, "#999", 1, "2,3");
+      svg.text(x0 + kPanelW - 4, p90 - 4, "90 %", "end", 10, "normal", "#777");
     }
     // Epoch ticks at a round step.
     int step = 1;
@@ -498,27 +391,27 @@ class SvgPlot {
       }
     for (int e = 1; e <= epochs_; e += (e == 1 && step > 1 ? step - 1 : step)) {
       const double px = x0 + sx(e);
-      line(s, px, y0 + kPanelH, px, y0 + kPanelH + 4, "#666", 1);
-      s << text(px, y0 + kPanelH + 17, std::to_string(e), "middle", 11);
+      svg.line(px, y0 + kPanelH, px, y0 + kPanelH + 4, "#666", 1);
+      svg.text(px, y0 + kPanelH + 17, std::to_string(e), "middle", 11);
     }
-    s << text(x0 + kPanelW / 2, y0 + kPanelH + 35, "epoch", "middle", 12);
+    svg.text(x0 + kPanelW / 2, y0 + kPanelH + 35, "epoch", "middle", 12);
     if (!ylabel.empty()) {
       const double cx = x0 - 52, cy = y0 + kPanelH / 2;
-      s << "<text x=\"" << cx << "\" y=\"" << cy << "\" text-anchor=\"middle\" font-size=\"12\" fill=\"#222\""
-        << " transform=\"rotate(-90 " << cx << ' ' << cy << ")\">" << ylabel << "</text>\n";
+      svg.raw() << "<text x=\"" << cx << "\" y=\"" << cy << "\" text-anchor=\"middle\" font-size=\"12\" fill=\"#222\""
+                << " transform=\"rotate(-90 " << cx << ' ' << cy << ")\">" << ylabel << "</text>\n";
     }
   }
 
-  void series(std::ostringstream& s, double x0, double y0, const Axis& ya,
+  void series(examples::SvgDocument& svg, double x0, double y0, const Axis& ya,
               const std::vector<std::pair<double, double>>& pts, bool batchnorm) const {
     if (pts.empty()) return;
-    s << "<polyline fill=\"none\" stroke=\"" << (batchnorm ? kBnColor : kPlainColor) << "\" stroke-width=\"2.2\""
-      << (batchnorm ? "" : " stroke-dasharray=\"7,4\"") << " points=\"";
-    for (const auto& [e, v] : pts) s << x0 + sx(e) << ',' << y0 + ya.map(v) << ' ';
-    s << "\"/>\n";
+    svg.raw() << "<polyline fill=\"none\" stroke=\"" << (batchnorm ? kBnColor : kPlainColor) << "\" stroke-width=\"2.2\""
+              << (batchnorm ? "" : " stroke-dasharray=\"7,4\"") << " points=\"";
+    for (const auto& [e, v] : pts) svg.raw() << x0 + sx(e) << ',' << y0 + ya.map(v) << ' ';
+    svg.raw() << "\"/>\n";
     if (pts.size() == 1)
-      s << "<circle cx=\"" << x0 + sx(pts[0].first) << "\" cy=\"" << y0 + ya.map(pts[0].second)
-        << "\" r=\"3\" fill=\"" << (batchnorm ? kBnColor : kPlainColor) << "\"/>\n";
+      svg.raw() << "<circle cx=\"" << x0 + sx(pts[0].first) << "\" cy=\"" << y0 + ya.map(pts[0].second)
+                << "\" r=\"3\" fill=\"" << (batchnorm ? kBnColor : kPlainColor) << "\"/>\n";
   }
 
   const std::vector<RunResult>& runs_;

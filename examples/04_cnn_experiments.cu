@@ -67,7 +67,10 @@
 #include <batchnorm/cuda.cuh>
 #endif
 
+#include "common/cli.hpp"     // Options: the command-line table
 #include "common/digits.hpp"  // Rng, Dataset, load_digits, the split, softmax_cross_entropy
+#include "common/linear.hpp"  // Linear
+#include "common/svg.hpp"     // SvgDocument, kBnColor, kPlainColor
 
 #include <algorithm>
 #include <chrono>
@@ -121,60 +124,24 @@ struct Config {
   bool quick = false;
 };
 
-const char* const kUsage =
-    "usage: example_cnn_experiments [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B] [--seed S]\n"
-    "                               [--target PCT] [--probe-every K] [--data digits.csv] [--quick]\n"
-    "  --out DIR        where the SVG and CSV files go (default: " BATCHNORM_CNN_OUT ")\n"
-    "  --epochs N       epochs per run (default 20; --quick: 6)\n"
-    "  --lr LIST        learning rates, comma-separated (default 0.03,0.3,3; --quick: 0.3,3)\n"
-    "  --batch B        mini-batch size (default 32)\n"
-    "  --seed S         seed of the initial weights and of the batch order (default 1)\n"
-    "  --target PCT     test accuracy for the 'epochs to reach' check (default 90)\n"
-    "  --probe-every K  steps between loss-landscape probes (default 15)\n"
-    "  --data PATH      the digits CSV (default: the copy in the source tree)\n"
-    "  --quick          the short configuration ctest runs (--epochs and --lr override it)\n";
-
 Config parse_args(int argc, char** argv) {
   Config config;
-  bool epochs_given = false, rates_given = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    } else if (arg == "--out") {
-      config.out_dir = value();
-    } else if (arg == "--data") {
-      config.data = value();
-    } else if (arg == "--epochs") {
-      config.epochs = std::stoi(value());
-      epochs_given = true;
-    } else if (arg == "--batch") {
-      config.batch = std::stoi(value());
-    } else if (arg == "--seed") {
-      config.seed = std::stoull(value());
-    } else if (arg == "--target") {
-      config.target = std::stod(value());
-    } else if (arg == "--probe-every") {
-      config.probe_every = std::stoi(value());
-    } else if (arg == "--lr") {
-      config.learning_rates.clear();
-      std::stringstream list(value());
-      for (std::string item; std::getline(list, item, ',');) config.learning_rates.push_back(std::stod(item));
-      rates_given = true;
-    } else if (arg == "--quick") {
-      config.quick = true;
-    } else {
-      throw std::invalid_argument("unknown argument " + arg + "\n" + kUsage);
-    }
-  }
+  examples::Options options(
+      "usage: example_cnn_experiments [--out DIR] [--epochs N] [--lr R1,R2,...] [--batch B] [--seed S]\n"
+      "                               [--target PCT] [--probe-every K] [--data digits.csv] [--quick]\n");
+  options.value("--out", "DIR", config.out_dir, "where the SVG and CSV files go (default: " BATCHNORM_CNN_OUT ")")
+      .value("--epochs", "N", config.epochs, "epochs per run (default 20; --quick: 6)")
+      .value("--lr", "LIST", config.learning_rates, "learning rates, comma-separated (default 0.03,0.3,3; --quick: 0.3,3)")
+      .value("--batch", "B", config.batch, "mini-batch size (default 32)")
+      .value("--seed", "S", config.seed, "seed of the initial weights and of the batch order (default 1)")
+      .value("--target", "PCT", config.target, "test accuracy for the 'epochs to reach' check (default 90)")
+      .value("--probe-every", "K", config.probe_every, "steps between loss-landscape probes (default 15)")
+      .value("--data", "PATH", config.data, "the digits CSV (default: the copy in the source tree)")
+      .flag("--quick", config.quick, "the short configuration ctest runs (--epochs and --lr override it)");
+  options.parse(argc, argv);
   if (config.quick) {
-    if (!epochs_given) config.epochs = 6;
-    if (!rates_given) config.learning_rates = {0.3, 3.0};
+    if (!options.given("--epochs")) config.epochs = 6;
+    if (!options.given("--lr")) config.learning_rates = {0.3, 3.0};
   }
   if (config.epochs < 1) throw std::invalid_argument("--epochs must be >= 1");
   if (config.batch < 2) throw std::invalid_argument("--batch must be >= 2 (BatchNorm needs 2 samples)");
@@ -280,43 +247,7 @@ void avg_pool2_backward(const float* dy, int planes, int side, float* dx) {
             0.25f * dy[static_cast<std::ptrdiff_t>(p) * half * half + (iy / 2) * half + ix / 2];
 }
 
-/// y = x W^T + b; PyTorch's default init (uniform in +-1/sqrt(in) for weight and bias).
-struct Linear {
-  int in, out;
-  std::vector<float> w, b, gw, gb;  // w: out x in
-
-  Linear(int in_features, int out_features, Rng& rng)
-      : in(in_features), out(out_features), w(static_cast<std::size_t>(in * out)), b(static_cast<std::size_t>(out)),
-        gw(w.size()), gb(b.size()) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    for (float& v : w) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-    for (float& v : b) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-  }
-
-  void forward(const float* x, int rows, float* y) const {
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        float acc = b[static_cast<std::size_t>(o)];
-        for (int i = 0; i < in; ++i) acc += w[static_cast<std::size_t>(o * in + i)] * x[static_cast<std::ptrdiff_t>(n) * in + i];
-        y[static_cast<std::ptrdiff_t>(n) * out + o] = acc;
-      }
-  }
-
-  void backward(const float* x, const float* dy, int rows, float* dx) {
-    std::fill(gw.begin(), gw.end(), 0.0f);
-    std::fill(gb.begin(), gb.end(), 0.0f);
-    std::fill(dx, dx + static_cast<std::ptrdiff_t>(rows) * in, 0.0f);
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        const float g = dy[static_cast<std::ptrdiff_t>(n) * out + o];
-        gb[static_cast<std::size_t>(o)] += g;
-        for (int i = 0; i < in; ++i) {
-          gw[static_cast<std::size_t>(o * in + i)] += g * x[static_cast<std::ptrdiff_t>(n) * in + i];
-          dx[static_cast<std::ptrdiff_t>(n) * in + i] += g * w[static_cast<std::size_t>(o * in + i)];
-        }
-      }
-  }
-};
+using Linear = examples::Linear<float>;  // common/linear.hpp: y = x W^T + b, PyTorch's default init
 
 // ---- the library's BatchNorm2d, called with host arrays ----------------------------------
 
@@ -669,8 +600,7 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
   RunResult result{lr, batchnorm, {}, {}, {}, {}, {}};
   std::vector<int> rows(static_cast<std::size_t>(train_set.count()));
   std::iota(rows.begin(), rows.end(), 0);
-  std::vector<float> x, dlogits;
-  std::vector<int> labels;
+  Dataset batch;  // this step's rows
   auto test = [&](int epoch, double train_loss) {
     const LossResult on_test = softmax_cross_entropy(net.forward(test_set.x.data(), test_set.count(), false),
                                                      test_set.label.data(), test_set.count(), nullptr);
@@ -685,22 +615,15 @@ RunResult train(const Config& config, double lr, bool batchnorm, const Dataset& 
     for (std::size_t begin = 0; begin + 2 <= rows.size(); begin += static_cast<std::size_t>(config.batch)) {
       if (max_steps >= 0 && step >= max_steps) return result;
       const int count = static_cast<int>(std::min(rows.size() - begin, static_cast<std::size_t>(config.batch)));
-      x.clear();
-      labels.clear();
-      for (int k = 0; k < count; ++k) {
-        const int r = rows[begin + static_cast<std::size_t>(k)];
-        x.insert(x.end(), train_set.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels,
-                 train_set.x.begin() + static_cast<std::ptrdiff_t>(r + 1) * kPixels);
-        labels.push_back(train_set.label[static_cast<std::size_t>(r)]);
-      }
+      digits::gather(train_set, &rows[begin], count, batch);
       if (max_steps < 0 && step % config.probe_every == 0)
-        result.probes.push_back(probe(net, x.data(), labels.data(), count, lr, step));
-      const LossResult batch = loss_and_gradient(net, x.data(), labels.data(), count, true);
-      result.step_loss.push_back(batch.loss);
+        result.probes.push_back(probe(net, batch.x.data(), batch.label.data(), count, lr, step));
+      const LossResult loss = loss_and_gradient(net, batch.x.data(), batch.label.data(), count, true);
+      result.step_loss.push_back(loss.loss);
       ++step;
-      loss_sum += batch.loss;
+      loss_sum += loss.loss;
       ++batches;
-      if (!std::isfinite(batch.loss)) {
+      if (!std::isfinite(loss.loss)) {
         result.diverged = true;
         break;
       }
@@ -858,8 +781,8 @@ bool self_test(const Dataset& train_set) {
 
 // ---- plots: plain SVG ----------------------------------------------------------------------
 
-constexpr const char* kBnColor = "#1f77b4";     // with BatchNorm: blue, solid
-constexpr const char* kPlainColor = "#e6550d";  // plain: orange, dashed
+using examples::kBnColor;     // common/svg.hpp: with BatchNorm blue, solid;
+using examples::kPlainColor;  // plain orange, dashed
 
 /// A value axis, linear in [lo, hi] or logarithmic over the decades 10^lo .. 10^hi.
 struct Axis {
@@ -895,59 +818,22 @@ struct Axis {
   }
 };
 
-/// An SVG document made of panels (plot areas with two axes).
-class Svg {
+/// An SVG document (common/svg.hpp) made of panels (plot areas with two axes).
+class Svg : public examples::SvgDocument {
  public:
-  Svg(double width, double height) : width_(width) {
-    s_ << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
-       << "\" viewBox=\"0 0 " << width << ' ' << height << "\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n"
-       << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-  }
+  using SvgDocument::SvgDocument;
 
-  void text(double x, double y, const std::string& content, const char* anchor = "middle", int size = 12,
-            const char* weight = "normal", const char* color = "#222", double rotate = 0) {
-    s_ << "<text x=\"" << x << "\" y=\"" << y << "\" text-anchor=\"" << anchor << "\" font-size=\"" << size
-       << "\" font-weight=\"" << weight << "\" fill=\"" << color << '"';
-    if (rotate != 0) s_ << " transform=\"rotate(" << rotate << ' ' << x << ' ' << y << ")\"";
-    s_ << '>' << content << "</text>\n";
-  }
-  void line(double x1, double y1, double x2, double y2, const char* color, double w, const char* dash = nullptr) {
-    s_ << "<line x1=\"" << x1 << "\" y1=\"" << y1 << "\" x2=\"" << x2 << "\" y2=\"" << y2 << "\" stroke=\"" << color
-       << "\" stroke-width=\"" << w << '"';
-    if (dash) s_ << " stroke-dasharray=\"" << dash << '"';
-    s_ << "/>\n";
-  }
-  /// An open line (@p fill_opacity 0) or a closed shaded shape through points in pixels.
-  void path(const std::vector<std::pair<double, double>>& pts, const char* color, double w, const char* dash,
-            double fill_opacity = 0.0) {
-    if (pts.empty()) return;
-    s_ << (fill_opacity > 0 ? "<polygon" : "<polyline") << " points=\"";
-    for (const auto& [x, y] : pts) s_ << x << ',' << y << ' ';
-    s_ << "\" stroke=\"" << color << "\" stroke-width=\"" << w << '"';
-    if (fill_opacity > 0) s_ << " fill=\"" << color << "\" fill-opacity=\"" << fill_opacity << '"';
-    else s_ << " fill=\"none\"";
-    if (dash) s_ << " stroke-dasharray=\"" << dash << '"';
-    s_ << "/>\n";
-  }
   void title(const std::string& title, const std::string& subtitle) {
-    text(width_ / 2, 24, title, "middle", 16, "bold");
-    text(width_ / 2, 44, subtitle, "middle", 12, "normal", "#555");
+    text(width() / 2, 24, title, "middle", 16, "bold");
+    text(width() / 2, 44, subtitle, "middle", 12, "normal", "#555");
   }
   void legend(double y) {
-    const double cx = width_ / 2;
+    const double cx = width() / 2;
     line(cx - 170, y, cx - 130, y, kBnColor, 2.5);
     text(cx - 124, y + 5, "with BatchNorm2d", "start", 13);
     line(cx + 20, y, cx + 60, y, kPlainColor, 2.5, "7,4");
     text(cx + 66, y + 5, "without (plain)", "start", 13);
   }
-  void save(const std::string& path) {
-    s_ << "</svg>\n";
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("cannot write " + path);
-    out << s_.str();
-    if (!out) throw std::runtime_error("error writing " + path);
-  }
-
   /// A plot area at (x0, y0) of w x h pixels; frame() draws the box, grid and labels.
   struct Panel {
     Svg& svg;
@@ -956,8 +842,8 @@ class Svg {
     [[nodiscard]] double px(double v) const { return x0 + w * xa.at(v); }
     [[nodiscard]] double py(double v) const { return y0 + h * (1.0 - ya.at(v)); }
     void frame(const std::string& xlabel, const std::string& ylabel, const std::string& heading = "") const {
-      svg.s_ << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << w << "\" height=\"" << h
-             << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
+      svg.raw() << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << w << "\" height=\"" << h
+                << "\" fill=\"#fafafa\" stroke=\"#999\"/>\n";
       for (double v : ya.ticks()) {
         svg.line(x0, py(v), x0 + w, py(v), "#ddd", 1);
         svg.text(x0 - 5, py(v) + 4, format(v, "%g"), "end", 10);
@@ -990,10 +876,6 @@ class Svg {
     }
   };
   Panel panel(double x0, double y0, double w, double h, Axis xa, Axis ya) { return {*this, x0, y0, w, h, xa, ya}; }
-
- private:
-  std::ostringstream s_;
-  double width_;
 };
 
 constexpr double kLeft = 75, kTop = 95, kPanelW = 280, kPanelH = 180, kGapX = 60, kGapY = 75;

@@ -34,6 +34,9 @@
 #include <batchnorm/sync_batch_norm.hpp>
 #include <mpi.h>
 
+#include "common/cli.hpp"     // Options: the command-line table
+#include "common/linear.hpp"  // Linear, Rng
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -66,43 +69,18 @@ struct Config {
 
 Config parse_args(int argc, char** argv) {
   Config c;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--epochs") c.epochs = std::stoi(value());
-    else if (arg == "--batch") c.batch = std::stoi(value());
-    else if (arg == "--lr") c.lr = std::stod(value());
-    else if (arg == "--seed") c.seed = std::stoull(value());
-    else if (arg == "--data") c.data = value();
-    else throw std::invalid_argument("unknown argument " + arg +
-                                     "; usage: example_data_parallel [--epochs N] [--batch B] [--lr R] [--seed S] [--data F]");
-  }
+  examples::Options options("usage: example_data_parallel [--epochs N] [--batch B] [--lr R] [--seed S] [--data F]\n");
+  options.value("--epochs", "N", c.epochs, "epochs (default 4)")
+      .value("--batch", "B", c.batch, "per-rank mini-batch size (default 8)")
+      .value("--lr", "R", c.lr, "learning rate (default 0.5)")
+      .value("--seed", "S", c.seed, "seed of the initial weights and of the batch order (default 1)")
+      .value("--data", "F", c.data, "the digits CSV (default: the copy in the source tree)");
+  options.parse(argc, argv);
   if (c.epochs < 1 || c.batch < 1 || !(c.lr > 0)) throw std::invalid_argument("--epochs, --batch, --lr must be > 0");
   return c;
 }
 
-/// splitmix64: the same numbers on every platform and every rank.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-  double uniform() {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
-  }
-  template <class V>
-  void shuffle(V& v) {
-    for (std::size_t i = v.size(); i > 1; --i)
-      std::swap(v[i - 1], v[static_cast<std::size_t>(uniform() * static_cast<double>(i))]);
-  }
-
- private:
-  std::uint64_t state_;
-};
+using examples::Rng;  // common/rng.hpp: splitmix64, the same numbers on every platform and every rank
 
 struct Dataset {
   std::vector<double> x;  // rows x 64, pixels / 16
@@ -155,39 +133,7 @@ void sum_over_ranks(std::vector<double>& v) {
 
 // ---- the network (double precision) ------------------------------------------------------
 
-struct Linear {
-  int in, out;
-  std::vector<double> w, b, gw, gb;
-  Linear(int i, int o, Rng& rng) : in(i), out(o), w(static_cast<std::size_t>(i * o)), b(static_cast<std::size_t>(o)) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    for (double& v : w) v = (2.0 * rng.uniform() - 1.0) * bound;
-    for (double& v : b) v = (2.0 * rng.uniform() - 1.0) * bound;
-    gw.resize(w.size());
-    gb.resize(b.size());
-  }
-  void forward(const double* x, int rows, double* y) const {
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        double acc = b[static_cast<std::size_t>(o)];
-        for (int i = 0; i < in; ++i) acc += w[static_cast<std::size_t>(o * in + i)] * x[n * in + i];
-        y[n * out + o] = acc;
-      }
-  }
-  void backward(const double* x, const double* dy, int rows, double* dx) {
-    std::fill(gw.begin(), gw.end(), 0.0);
-    std::fill(gb.begin(), gb.end(), 0.0);
-    if (dx) std::fill(dx, dx + rows * in, 0.0);
-    for (int n = 0; n < rows; ++n)
-      for (int o = 0; o < out; ++o) {
-        const double g = dy[n * out + o];
-        gb[static_cast<std::size_t>(o)] += g;
-        for (int i = 0; i < in; ++i) {
-          gw[static_cast<std::size_t>(o * in + i)] += g * x[n * in + i];
-          if (dx) dx[n * in + i] += g * w[static_cast<std::size_t>(o * in + i)];
-        }
-      }
-  }
-};
+using Linear = examples::Linear<double>;  // common/linear.hpp: y = x W^T + b, PyTorch init, SGD step
 
 /// The MLP with BN layers of type @p BN (BatchNorm1d or SyncBatchNorm1d: the same calls).
 template <class BN>
@@ -250,10 +196,7 @@ class Network {
         at += static_cast<std::ptrdiff_t>(g->size());
       }
     }
-    for (Linear* l : {&l1_, &l2_, &l3_}) {
-      for (std::size_t i = 0; i < l->w.size(); ++i) l->w[i] -= lr * l->gw[i];
-      for (std::size_t i = 0; i < l->b.size(); ++i) l->b[i] -= lr * l->gb[i];
-    }
+    for (Linear* l : {&l1_, &l2_, &l3_}) l->sgd(lr);
     for (int k = 0; k < 2; ++k) {
       BN* bn = k == 0 ? bn1_.get() : bn2_.get();
       for (std::size_t i = 0; i < bn_grads[2 * k].size(); ++i) {

@@ -1,8 +1,11 @@
 // examples/common/digits.hpp: what the examples that train on the 8x8 handwritten digits
-// (examples/data/digits.csv, see examples/data/NOTICE) share: a portable random stream,
-// the loader, the fixed train/test split, and softmax cross-entropy. Header-only, no
-// dependencies beyond the standard library; used by 03_convergence and 04_cnn_experiments.
+// (examples/data/digits.csv, see examples/data/NOTICE) share: the loader, the fixed
+// train/test split, and softmax cross-entropy (the random stream is common/rng.hpp's).
+// Header-only, no dependencies beyond the standard library; used by 03_convergence and
+// 04_cnn_experiments.
 #pragma once
+
+#include "rng.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -24,26 +27,7 @@ constexpr int kSide = 8;
 constexpr int kClasses = 10;
 constexpr int kTestCount = 360;  // images held out for testing; the other 1437 train
 
-/// splitmix64: the same numbers on every platform, unlike std:: distributions.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  std::size_t below(std::size_t n) { return static_cast<std::size_t>(uniform() * static_cast<double>(n)); }
-  template <class V>
-  void shuffle(V& v) {  // Fisher-Yates
-    for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[below(i)]);
-  }
-
- private:
-  std::uint64_t state_;
-};
+using examples::Rng;  // common/rng.hpp: splitmix64, the same numbers on every platform
 
 struct Dataset {
   std::vector<float> x;  // count x 64, row-major, pixels / 16
@@ -73,13 +57,21 @@ inline Dataset load_digits(const std::string& path) {
   return d;
 }
 
+/// Rows @p rows[0 .. count) of @p d, in that order, into @p batch (a mini-batch: its buffers
+/// are reused from one call to the next).
+inline void gather(const Dataset& d, const int* rows, int count, Dataset& batch) {
+  batch.x.clear();
+  batch.label.clear();
+  for (int k = 0; k < count; ++k) {
+    const auto begin = d.x.begin() + static_cast<std::ptrdiff_t>(rows[k]) * kPixels;
+    batch.x.insert(batch.x.end(), begin, begin + kPixels);
+    batch.label.push_back(d.label[static_cast<std::size_t>(rows[k])]);
+  }
+}
+
 inline Dataset subset(const Dataset& d, const std::vector<int>& rows) {
   Dataset s;
-  for (int r : rows) {
-    const auto begin = d.x.begin() + static_cast<std::ptrdiff_t>(r) * kPixels;
-    s.x.insert(s.x.end(), begin, begin + kPixels);
-    s.label.push_back(d.label[static_cast<std::size_t>(r)]);
-  }
+  gather(d, rows.data(), static_cast<int>(rows.size()), s);
   return s;
 }
 
