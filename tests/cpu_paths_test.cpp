@@ -34,21 +34,22 @@ struct PathCase {
   Mode mode;
 };
 
-// Sizes are odd (not multiples of 8 lanes or of a vector) and large enough to cross
-// chunk_elements (8192), task_elements (65536) and the thread threshold (32768 values).
+// Sizes are odd (not multiples of 8 lanes or of a vector); most are large enough to cross
+// chunk_elements (8192), task_elements (65536) and the thread threshold (32768 values), so that
+// the thread-count test runs them on several threads; a few small ones cover the serial path.
 std::vector<PathCase> path_cases() {
   return {
       {"planes fused", {5, 3, 7, 9}, Layout::contiguous, Mode::per_channel},
       {"planes fused, many chunks", {9, 4, 61, 67}, Layout::contiguous, Mode::per_channel},
       {"planes unfused (3 tasks per channel)", {3, 2, 150001}, Layout::contiguous, Mode::per_channel},
       {"planes, one sample", {1, 5, 13}, Layout::contiguous, Mode::per_channel},
-      {"rows narrow (N, C)", {10007, 3}, Layout::contiguous, Mode::per_channel},
+      {"rows narrow (N, C)", {12007, 3}, Layout::contiguous, Mode::per_channel},
       {"rows (N, C), C = 50", {2501, 50}, Layout::contiguous, Mode::per_channel},
       {"rows wide, column blocks", {67, 1100}, Layout::contiguous, Mode::per_channel},
       {"rows NHWC", {5, 7, 9, 11}, Layout::channels_last, Mode::per_channel},
       {"rows NHWC, many row blocks", {9, 6, 37, 41}, Layout::channels_last, Mode::per_channel},
       {"rows per-activation", {33, 3, 5, 7}, Layout::contiguous, Mode::per_activation},
-      {"rows per-activation channels_last", {33, 3, 5, 7}, Layout::channels_last, Mode::per_activation},
+      {"rows per-activation channels_last", {401, 3, 5, 7}, Layout::channels_last, Mode::per_activation},
       {"rows per-activation wide", {7, 600}, Layout::contiguous, Mode::per_activation},
   };
 }
