@@ -10,6 +10,8 @@
 #include <sstream>
 #include <vector>
 
+#include "support/reference.hpp"
+
 namespace bn = batchnorm;
 using namespace batchnorm::detail::cuda_impl;
 
@@ -47,10 +49,10 @@ std::vector<LaunchPolicy> policies() {
   return out;
 }
 
-/// The feature index the CPU reference gives each memory offset.
+/// The feature index the double reference (support/reference.hpp) gives each memory offset.
 std::vector<std::int64_t> cpu_features(const bn::Shape& s, bn::Mode mode) {
   std::vector<std::int64_t> f(static_cast<std::size_t>(s.numel()), -1);
-  bn::detail::cpu_impl::for_each_element(s, mode, [&](std::int64_t i, std::int64_t feature) { f[i] = feature; });
+  bnref::for_each(s, mode, [&](std::int64_t i, std::int64_t feature) { f[i] = feature; });
   return f;
 }
 

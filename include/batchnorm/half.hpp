@@ -6,9 +6,11 @@
  *        (`param_t<__half> == float`), accumulation in double on the host.
  *
  * The CPU backend reads and writes activations through detail::convert<T>; this header
- * specializes it with the toolkit's host conversions: half → double is exact, and
- * double → half rounds once, to nearest even (`__double2half` / `__double2bfloat16`,
- * never through float, which would round twice). Overflow gives ±inf, NaN stays NaN.
+ * specializes it with branch-free bit conversions (detail/convert.hpp) that give the same bits
+ * as the toolkit's host `__half2float` / `__double2half` / `__double2bfloat16` (tested), at a
+ * fraction of their cost: half → double is exact, and double → half rounds once, to nearest
+ * even (through float rounded *to odd*, never float's nearest, which would round twice).
+ * Overflow gives ±inf, NaN stays NaN.
  *
  * Needs the CUDA toolkit's include directory (CMake: `${CUDAToolkit_INCLUDE_DIRS}` from
  * `find_package(CUDAToolkit)`, best as a SYSTEM include) but not nvcc: g++ and clang++
@@ -49,12 +51,16 @@ struct convert<__half> {
    * @brief Exact value of @p v as a double.
    * @param v a half value (any, including inf and NaN)
    */
-  static double to_double(__half v) { return static_cast<double>(__half2float(v)); }
+  static double to_double(__half v) { return bits::half_to_double(static_cast<__half_raw>(v).x); }
   /**
    * @brief @p v rounded to the nearest half (ties to even); beyond ±65504 (after rounding) ±inf.
    * @param v the value to store
    */
-  static __half from_double(double v) { return __double2half(v); }
+  static __half from_double(double v) {
+    __half_raw r;
+    r.x = bits::double_to_half(v);
+    return __half(r);
+  }
 };
 
 /// @brief Host conversions of bfloat16 (`__nv_bfloat16`): exact widening, one rounding when narrowing.
@@ -64,12 +70,18 @@ struct convert<__nv_bfloat16> {
    * @brief Exact value of @p v as a double.
    * @param v a bfloat16 value (any, including inf and NaN)
    */
-  static double to_double(__nv_bfloat16 v) { return static_cast<double>(__bfloat162float(v)); }
+  static double to_double(__nv_bfloat16 v) {
+    return bits::bfloat16_to_double(static_cast<__nv_bfloat16_raw>(v).x);
+  }
   /**
    * @brief @p v rounded to the nearest bfloat16 (ties to even).
    * @param v the value to store
    */
-  static __nv_bfloat16 from_double(double v) { return __double2bfloat16(v); }
+  static __nv_bfloat16 from_double(double v) {
+    __nv_bfloat16_raw r;
+    r.x = bits::double_to_bfloat16(v);
+    return __nv_bfloat16(r);
+  }
 };
 
 }  // namespace detail

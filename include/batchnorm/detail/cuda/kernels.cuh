@@ -273,7 +273,7 @@ BN_KERNEL void apply_running_update_kernel(const FeatureStats<Acc>* __restrict__
                                            double factor, std::int64_t* skipped_updates) {
   const std::int64_t p = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (*nonfinite) {
-    if (p == 0 && skipped_updates) ++*skipped_updates;
+    if (p == 0 && skipped_updates) increment_saturating(*skipped_updates);
     return;
   }
   if (p < F) update_running(running_mean[p], running_var[p], stats[p], factor);

@@ -1,0 +1,305 @@
+// Every loop of the CPU backend (detail/cpu/kernels.hpp) against the naive double reference
+// (support/reference.hpp): NCHW planes fused (a channel fits the cache budget) and unfused
+// (split into tasks), (N, C) rows narrow and wide (column blocks), NHWC, per-activation in both
+// layouts, relu / residual / dx / dresidual combinations, odd sizes, one sample, empty batches;
+// the same bits for 1, 2, 3 and 7 OpenMP threads; constant features give exactly the bias.
+#include <batchnorm/batchnorm.hpp>
+#include <batchnorm/phases.hpp>
+#include <gtest/gtest.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "support/common.hpp"
+#include "support/reference.hpp"
+
+namespace {
+
+using batchnorm::Activation;
+using batchnorm::cpu;
+using batchnorm::Layout;
+using batchnorm::Mode;
+using batchnorm::Shape;
+
+struct PathCase {
+  const char* path;  // which loop it exercises (for failure messages)
+  std::vector<std::int64_t> extents;
+  Layout layout;
+  Mode mode;
+};
+
+// Sizes are odd (not multiples of 8 lanes or of a vector); most are large enough to cross
+// chunk_elements (8192), task_elements (65536) and the thread threshold (32768 values), so that
+// the thread-count test runs them on several threads; a few small ones cover the serial path.
+std::vector<PathCase> path_cases() {
+  return {
+      {"planes fused", {5, 3, 7, 9}, Layout::contiguous, Mode::per_channel},
+      {"planes fused, many chunks", {9, 4, 61, 67}, Layout::contiguous, Mode::per_channel},
+      {"planes unfused (3 tasks per channel)", {3, 2, 150001}, Layout::contiguous, Mode::per_channel},
+      {"planes, one sample", {1, 5, 13}, Layout::contiguous, Mode::per_channel},
+      {"rows narrow (N, C)", {12007, 3}, Layout::contiguous, Mode::per_channel},
+      {"rows (N, C), C = 50", {2501, 50}, Layout::contiguous, Mode::per_channel},
+      {"rows wide, column blocks", {67, 1100}, Layout::contiguous, Mode::per_channel},
+      {"rows NHWC", {5, 7, 9, 11}, Layout::channels_last, Mode::per_channel},
+      {"rows NHWC, many row blocks", {9, 6, 37, 41}, Layout::channels_last, Mode::per_channel},
+      {"rows per-activation", {33, 3, 5, 7}, Layout::contiguous, Mode::per_activation},
+      {"rows per-activation channels_last", {401, 3, 5, 7}, Layout::channels_last, Mode::per_activation},
+      {"rows per-activation wide", {7, 600}, Layout::contiguous, Mode::per_activation},
+  };
+}
+
+template <class T>
+struct Outputs {
+  std::vector<T> y, save_mean, save_invstd, running_mean, running_var, dx, dresidual, grad_weight, grad_bias;
+  std::vector<double> statistics, gradient_sums;
+};
+
+/// Forward (training), backward, and the phases' two reductions, on one shape.
+template <class T>
+Outputs<T> run_all(const Shape& shape, Mode mode, const std::vector<T>& x, const std::vector<T>& z,
+               const std::vector<T>& dy, const std::vector<T>& w, const std::vector<T>& b, bool relu, bool residual,
+               bool want_dx, bool want_dres) {
+  const std::int64_t F = batchnorm::feature_count(shape, mode), numel = shape.numel();
+  Outputs<T> r;
+  r.y.assign(numel, T(0));
+  r.save_mean.assign(F, T(0));
+  r.save_invstd.assign(F, T(0));
+  r.running_mean.assign(F, T(0.5));
+  r.running_var.assign(F, T(2));
+  batchnorm::ForwardArgs<T> fa;
+  fa.x = x.data();
+  fa.y = r.y.data();
+  fa.weight = {w.data(), F};
+  fa.bias = {b.data(), F};
+  fa.running_mean = r.running_mean;
+  fa.running_var = r.running_var;
+  fa.save_mean = r.save_mean;
+  fa.save_invstd = r.save_invstd;
+  fa.residual = residual ? z.data() : nullptr;
+  batchnorm::ForwardConfig fc;
+  fc.mode = mode;
+  fc.activation = relu ? Activation::relu : Activation::identity;
+  batchnorm::forward(cpu{}, shape, fa, fc);
+
+  r.dx.assign(numel, T(0));
+  r.dresidual.assign(numel, T(0));
+  r.grad_weight.assign(F, T(0));
+  r.grad_bias.assign(F, T(0));
+  batchnorm::BackwardArgs<T> ba;
+  ba.x = x.data();
+  ba.dy = dy.data();
+  ba.y = r.y.data();
+  ba.dx = want_dx ? r.dx.data() : nullptr;
+  ba.dresidual = want_dres ? r.dresidual.data() : nullptr;
+  ba.weight = {w.data(), F};
+  ba.mean = {r.save_mean.data(), F};
+  ba.invstd = {r.save_invstd.data(), F};
+  ba.grad_weight = r.grad_weight;
+  ba.grad_bias = r.grad_bias;
+  batchnorm::BackwardConfig bc;
+  bc.mode = mode;
+  bc.activation = fc.activation;
+  batchnorm::backward(cpu{}, shape, ba, bc);
+
+  namespace phases = batchnorm::phases;
+  r.statistics.assign(phases::shard_statistics_size(F), 0.0);
+  phases::local_statistics(cpu{}, shape, mode, x.data(), batchnorm::span<double>(r.statistics));
+  return r;
+}
+
+template <class T>
+void expect_same_bits(const std::vector<T>& a, const std::vector<T>& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_TRUE(a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0) << what;
+}
+
+void set_threads(int n) {
+#if defined(_OPENMP)
+  omp_set_num_threads(n);
+#else
+  (void)n;
+#endif
+}
+
+int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+template <class T>
+class CpuPaths : public ::testing::Test {};
+using Types = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(CpuPaths, Types);
+
+// Each path against the naive double reference (on the same rounded inputs), every relu /
+// residual / dx / dresidual combination.
+TYPED_TEST(CpuPaths, MatchTheReference) {
+  using T = TypeParam;
+  const double tol = sizeof(T) == 4 ? 2e-6 : 1e-11;  // float: output rounding (0.5 ulp) dominates
+  for (const PathCase& k : path_cases()) {
+    const Shape shape = bn_test::make_shape(k.extents, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+    const auto x = bnref::cast<T>(bnref::normal(numel, 31, 100.0, 3.0));
+    const auto z = bnref::cast<T>(bnref::normal(numel, 32));
+    const auto dy = bnref::cast<T>(bnref::normal(numel, 33));
+    const auto w = bnref::cast<T>(bnref::normal(F, 34, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 35));
+    for (int combo = 0; combo < 4; ++combo) {
+      const bool relu = combo & 1, residual = combo & 2;
+      SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
+      const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, residual, true, combo != 3);
+
+      bnref::Params p;
+      p.weight = bnref::widen(w);
+      p.bias = bnref::widen(b);
+      p.running_mean.assign(F, 0.5);
+      p.running_var.assign(F, 2.0);
+      bnref::ForwardSettings s;
+      s.mode = k.mode;
+      s.relu = relu;
+      const auto ref = bnref::forward(shape, bnref::widen(x), p, s, residual ? bnref::widen(z) : std::vector<double>{});
+      EXPECT_LE(bnref::max_rel_error(r.y, ref.y), tol);
+      EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), tol);
+      EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), tol);
+      EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), tol);
+      EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), tol);
+      // The local statistics record: count, mean, M2 (double, no output rounding).
+      for (std::int64_t f = 0; f < F; ++f) {
+        const double n = r.statistics[0];
+        ASSERT_EQ(n, static_cast<double>(batchnorm::reduction_count(shape, k.mode)));
+        EXPECT_NEAR(r.statistics[1 + f], ref.mean[f], 1e-12 * std::abs(ref.mean[f]));
+        EXPECT_NEAR(r.statistics[1 + F + f] / n, ref.batch_var[f], 1e-11 * ref.batch_var[f]);
+      }
+
+      // Backward with the invstd forward saved (rounded to T) and the exact mean (backward
+      // corrects the saved mean's rounding with Σ(x − saved mean)), y as the relu mask.
+      bnref::ForwardResult saved = ref;
+      saved.invstd = bnref::widen(r.save_invstd);
+      saved.y = bnref::widen(r.y);
+      const auto bref = bnref::backward(shape, bnref::widen(x), bnref::widen(dy), p, saved, k.mode, relu);
+      const double btol = sizeof(T) == 4 ? 2e-5 : 1e-10;
+      EXPECT_LE(bnref::max_rel_error(r.dx, bref.dx), btol);
+      EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), btol);
+      EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), btol);
+      if (combo != 3) EXPECT_LE(bnref::max_rel_error(r.dresidual, bref.dz), 0.0);
+      else EXPECT_EQ(r.dresidual, std::vector<T>(numel, T(0)));  // not requested: untouched
+    }
+  }
+}
+
+// The same bits for 1, 2, 3 and 7 threads (fixed partition of every reduction, fixed order).
+TYPED_TEST(CpuPaths, SameBitsForAnyThreadCount) {
+  using T = TypeParam;
+  const int before = max_threads();
+  for (const PathCase& k : path_cases()) {
+    SCOPED_TRACE(k.path);
+    const Shape shape = bn_test::make_shape(k.extents, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+    const auto x = bnref::cast<T>(bnref::normal(numel, 41, -7.0, 5.0));
+    const auto z = bnref::cast<T>(bnref::normal(numel, 42));
+    const auto dy = bnref::cast<T>(bnref::normal(numel, 43));
+    const auto w = bnref::cast<T>(bnref::normal(F, 44, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 45));
+    set_threads(1);
+    const Outputs<T> one = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+    for (int threads : {2, 3, 7}) {
+      set_threads(threads);
+      const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+      const std::string t = std::to_string(threads) + " threads: ";
+      expect_same_bits(r.y, one.y, t + "y");
+      expect_same_bits(r.save_mean, one.save_mean, t + "save_mean");
+      expect_same_bits(r.save_invstd, one.save_invstd, t + "save_invstd");
+      expect_same_bits(r.running_var, one.running_var, t + "running_var");
+      expect_same_bits(r.dx, one.dx, t + "dx");
+      expect_same_bits(r.dresidual, one.dresidual, t + "dresidual");
+      expect_same_bits(r.grad_weight, one.grad_weight, t + "grad_weight");
+      expect_same_bits(r.grad_bias, one.grad_bias, t + "grad_bias");
+      expect_same_bits(r.statistics, one.statistics, t + "local_statistics");
+    }
+  }
+  set_threads(before);
+}
+
+// A constant feature (at an offset, at 1e30) gives exactly the bias and variance 0, in every path.
+TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
+  using T = TypeParam;
+  for (const PathCase& k : path_cases()) {
+    SCOPED_TRACE(k.path);
+    const Shape shape = bn_test::make_shape(k.extents, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+    for (double value : {0.1, 12345.678, -1e6 - 0.3, 1e30}) {
+      const std::vector<T> x(numel, static_cast<T>(value));
+      const auto w = bnref::cast<T>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 52));
+      const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
+      const std::int64_t C = shape.channels(), S = shape.spatial();
+      for (std::int64_t i = 0; i < numel; ++i) {
+        const bool last = shape.layout() == Layout::channels_last;
+        const std::int64_t c = last ? i % C : (i / S) % C, s = last ? (i / C) % S : i % S;
+        const std::int64_t f = k.mode == Mode::per_channel ? c : c * S + s;
+        if (r.y[i] != b[f]) {
+          ADD_FAILURE() << "element " << i << " value " << value << ": " << r.y[i] << " != bias " << b[f];
+          break;
+        }
+      }
+      for (std::int64_t f = 0; f < F; ++f) {
+        EXPECT_EQ(r.save_mean[f], static_cast<T>(value));
+        EXPECT_EQ(r.statistics[1 + F + f], 0.0);  // M2
+      }
+    }
+  }
+}
+
+// Empty batches (N = 0) leave y untouched and give zero parameter gradients; a tensor with one
+// value per feature in per-activation mode is refused as PyTorch does (checked elsewhere).
+TEST(CpuPathsEdges, EmptyBatchEveryLayout) {
+  for (const PathCase& k : path_cases()) {
+    SCOPED_TRACE(k.path);
+    auto e = k.extents;
+    e[0] = 0;
+    const Shape shape = bn_test::make_shape(e, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode);
+    std::vector<float> none, w(F, 1.0f), b(F, 0.0f);
+    const Outputs<float> r = run_all(shape, k.mode, none, none, none, w, b, true, true, true, true);
+    EXPECT_EQ(r.running_mean, std::vector<float>(F, 0.5f));  // untouched
+    EXPECT_EQ(r.grad_weight, std::vector<float>(F, 0.0f));
+    EXPECT_EQ(r.statistics[0], 0.0);
+  }
+}
+
+// A large unfused shape: forward equals local_statistics → merge → normalize bit for bit (the
+// fused and the split paths compute the statistics with the same chunks).
+TEST(CpuPathsEdges, UnfusedForwardIsThePhases) {
+  namespace phases = batchnorm::phases;
+  const Shape shape({2, 3, 200003});
+  const std::int64_t F = 3, numel = shape.numel();
+  const auto x = bnref::cast<float>(bnref::normal(numel, 61, 1e4, 1.0));
+  std::vector<float> y(numel), y2(numel), sm(F), si(F);
+  batchnorm::ForwardArgs<float> fa;
+  fa.x = x.data();
+  fa.y = y.data();
+  fa.save_mean = sm;
+  fa.save_invstd = si;
+  batchnorm::forward(cpu{}, shape, fa, {});
+  std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
+  phases::local_statistics(cpu{}, shape, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
+  phases::MergeArgs<float> ma;
+  ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
+  ma.normalization = norm;
+  phases::merge_statistics(cpu{}, F, ma, {});
+  phases::NormalizeArgs<float> na;
+  na.x = x.data();
+  na.y = y2.data();
+  na.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+  phases::normalize(cpu{}, shape, na, {});
+  EXPECT_EQ(y, y2);
+  for (std::int64_t f = 0; f < F; ++f) EXPECT_EQ(static_cast<float>(norm[1 + f]), sm[f]);
+}
+
+}  // namespace
