@@ -96,4 +96,3 @@ void backward(cuda, const Shape& shape, const BackwardArgs<T>& args, const Backw
 #include "detail/cuda/backend.cuh"
 #include "detail/cuda/functional.inl"
 #include "cuda_phases.cuh"  // the phases of phases.hpp on the CUDA backend (SyncBatchNorm's parts)
-#include "detail/sync/cuda_ops.cuh"  // sync_ops<cuda>: SyncBatchNorm on the CUDA phases

@@ -1,7 +1,7 @@
 /**
  * @file detail/sync/cuda_ops.cuh
  * @brief sync_ops<cuda>: SyncBatchNorm's seam onto the CUDA phases (cuda_phases.cuh), included
- *        by <batchnorm/cuda.cuh> (compile with nvcc). The members are those of sync_ops<cpu>
+ *        by <batchnorm/cuda.cuh> (at the end of cuda_phases.cuh; compile with nvcc). The members are those of sync_ops<cpu>
  *        (detail/sync/ops.hpp); everything is stream-ordered and nothing reads device memory on
  *        the host, except take_fault (documented as synchronizing).
  *
@@ -38,8 +38,7 @@
 #include <limits>
 #include <vector>
 
-#include "../../cuda.cuh"
-#include "../../cuda_phases.cuh"
+#include "../../cuda_phases.cuh"  // and <batchnorm/cuda.cuh>; this file is included at its end
 #include "ops.hpp"
 
 namespace batchnorm::detail {
@@ -80,7 +79,7 @@ BN_KERNEL void poison_if_refused_kernel(const E* __restrict__ gathered, std::int
     fault[0] = status != 0 ? status : -1;  // a fractional status still counts as a fault
     fault[1] = static_cast<int>(first);
   }
-  if (i < count) target[i] = std::numeric_limits<E>::quiet_NaN();
+  if (i < count) target[i] = static_cast<E>(__longlong_as_double(0x7ff8000000000000LL));  // quiet NaN
 }
 
 /// After the merge: a NaN count in the normalization record with no fault recorded means the
