@@ -170,8 +170,9 @@ inline void throw_if_any_fault(const std::vector<double>& statuses, const LocalF
  * @note Collective: every rank of the communicator must call forward / forward_relu /
  *       backward / backward_relu of its instance in the same order, with the same
  *       num_features and options (the layers must be built alike). A rank whose input is
- *       invalid still takes part, and every rank throws (cuda: see check_faults); a rank that does not call at all
- *       leaves the others waiting in the collective, as with any collective.
+ *       invalid still takes part, and every rank throws (cuda: see check_faults); a rank
+ *       that does not call at all leaves the others waiting in the collective, as with any
+ *       collective.
  * @note Synchronization: cpu is synchronous. cuda is stream-ordered (the communicator's
  *       all_gather is enqueued on the stream, counts and status words stay on the device):
  *       no forward / backward synchronizes the host, except the first call with a shape

@@ -225,9 +225,10 @@ TEST(SyncBatchNormCuda, EqualsBatchNormOnTheConcatenatedBatch) {
   }
 }
 
-// Stream-ordered: forward + backward captured into a CUDA graph on every rank. Capture turns any
-// host synchronization (cudaStreamSynchronize, cudaMemcpy to the host, cudaMalloc) in this
-// thread into an error; the replay must reproduce the eager call's bits.
+// Stream-ordered: forward + backward captured into a CUDA graph on every rank. Capture turns a
+// host synchronization in this thread (cudaStreamSynchronize, a synchronous cudaMemcpy, other
+// calls CUDA deems unsafe during a thread-local capture) into an error; the replay must
+// reproduce the eager call's bits.
 TEST(SyncBatchNormCuda, ForwardAndBackwardCaptureIntoACudaGraph) {
   BN_TEST_REQUIRE_GPU();
   Ranks ranks;
