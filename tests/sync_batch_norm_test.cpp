@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <vector>
@@ -193,6 +194,35 @@ TEST(SyncBatchNormThreads, NameAndMessageSizes) {
   EXPECT_EQ(layer.forward_message_size(), 12);  // [status | count | mean x 5 | M2 x 5]
   EXPECT_EQ(layer.backward_message_size(), 11);  // [status | sum dy x 5 | sum dy (x - mean) x 5]
   EXPECT_THROW(Layer(5, ThreadCommunicator(hub, 1)), batchnorm::invalid_argument);  // rank 1 of 1
+}
+
+
+// The host side of the cuda path (statuses checked on the device, detail/sync/cuda_ops.cuh):
+// with no statuses on the host only the rank that refused its own call throws, naming itself,
+// and an accepted call passes; on cpu check_faults() never throws.
+TEST(SyncBatchNormThreads, DeviceStatusesOnlyTheRefusingRankThrows) {
+  namespace sync = batchnorm::detail::sync;
+  const std::vector<double> on_device;  // what sync_ops<cuda>::statuses returns
+  EXPECT_NO_THROW(sync::throw_if_any_fault(on_device, sync::LocalFault{}, 1, 3, "SyncBatchNorm2d::forward"));
+  const sync::LocalFault wrong_x = sync::attempt([] { throw batchnorm::invalid_argument("x", "x: expected 4 channels"); });
+  ASSERT_EQ(wrong_x.code, sync::fault::x);
+  try {
+    sync::throw_if_any_fault(on_device, wrong_x, 1, 3, "SyncBatchNorm2d::forward");
+    ADD_FAILURE() << "no exception";
+  } catch (const batchnorm::invalid_argument& e) {
+    EXPECT_EQ(e.argument(), "x");
+    const std::string what = e.what();
+    EXPECT_NE(what.find("SyncBatchNorm2d::forward: rank 1 of 3 refused its input"), std::string::npos) << what;
+    EXPECT_NE(what.find("x: expected 4 channels"), std::string::npos) << what;
+  }
+  const sync::LocalFault out_of_order = sync::attempt([] { throw batchnorm::state_error("backward before forward"); });
+  EXPECT_THROW(sync::throw_if_any_fault(on_device, out_of_order, 0, 2, "b"), batchnorm::state_error);
+  const sync::LocalFault other = sync::attempt([] { throw std::bad_alloc(); });
+  EXPECT_THROW(sync::throw_if_any_fault(on_device, other, 0, 2, "b"), std::bad_alloc);  // rethrown as it was
+
+  ThreadHub hub(1);
+  Layer layer(5, ThreadCommunicator(hub, 0));
+  EXPECT_NO_THROW(layer.check_faults());
 }
 
 }  // namespace

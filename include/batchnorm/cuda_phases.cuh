@@ -119,3 +119,4 @@ void input_gradient(cuda, const Shape& shape, const InputGradientArgs<T>& args, 
 }  // namespace batchnorm::phases
 
 #include "detail/cuda/phases.inl"
+#include "detail/sync/cuda_ops.cuh"  // sync_ops<cuda>: SyncBatchNorm on these phases (last: it needs them)

@@ -86,10 +86,28 @@ LocalFault attempt(F&& check) {
  * throws its own error, prefixed with its rank (an exception that was not a batchnorm
  * argument or state error, e.g. std::bad_alloc or cuda_error, is rethrown as it was); the
  * other ranks throw the same type, naming the first rank that refused and the argument.
- * @p statuses empty: the backend checks them on the device (see detail/sync/ops.hpp).
+ * @p statuses empty: the backend checks them on the device (cuda, see detail/sync/ops.hpp):
+ * then only a rank that refused its own call throws here, after it took part in the
+ * collective; the other ranks carry on with NaN records and learn of it from
+ * SyncBatchNorm::check_faults().
  */
-inline void throw_if_any_fault(const std::vector<double>& statuses, const LocalFault& local, int rank,
+inline void throw_if_any_fault(const std::vector<double>& statuses, const LocalFault& local, int rank, int ranks,
                                const std::string& where) {
+  if (statuses.empty()) {
+    if (!local.error) return;
+    if (local.code == fault::internal) std::rethrow_exception(local.error);
+    std::string text;
+    try {
+      std::rethrow_exception(local.error);
+    } catch (const std::exception& e) {
+      text = concat(where, ": rank ", rank, " of ", ranks,
+                    " refused its input and changed nothing; it took part in the collective, and the other "
+                    "ranks' outputs of this call are NaN (their check_faults() names this rank): ",
+                    e.what());
+    }
+    if (local.code == fault::state) throw state_error(text);
+    throw invalid_argument(argument_of(local.code), text);
+  }
   int first = -1, faulty = 0;
   for (std::size_t r = 0; r < statuses.size(); ++r)
     if (statuses[r] != 0.0) {
@@ -152,10 +170,18 @@ inline void throw_if_any_fault(const std::vector<double>& statuses, const LocalF
  * @note Collective: every rank of the communicator must call forward / forward_relu /
  *       backward / backward_relu of its instance in the same order, with the same
  *       num_features and options (the layers must be built alike). A rank whose input is
- *       invalid still takes part and every rank throws; a rank that does not call at all
- *       leaves the others waiting in the collective, as with any collective.
+ *       invalid still takes part, and every rank throws (cuda: see check_faults); a rank
+ *       that does not call at all leaves the others waiting in the collective, as with any
+ *       collective.
  * @note Synchronization: cpu is synchronous. cuda is stream-ordered (the communicator's
- *       all_gather is enqueued on the stream, counts stay on the device).
+ *       all_gather is enqueued on the stream, counts and status words stay on the device):
+ *       no forward / backward synchronizes the host, except the first call with a shape
+ *       larger than any before (it grows the phase scratch with cudaMalloc). A rank's fault
+ *       therefore reaches the others as NaN outputs and a device record that check_faults()
+ *       turns into the exception (see there). Each rank's calls come from its own host thread
+ *       (or process): NCCL's group calls would defer the all_gather behind the later phases.
+ * @note Faults on cuda: the refusing rank throws after the collective; the others throw only
+ *       from check_faults() (see there).
  * @note Keep the layers identical: load_state, weight_data() writes and optimizer steps must
  *       be applied alike on every rank (they are local calls).
  */
@@ -264,6 +290,47 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     backward_impl(x, y, dy, dx, dz, shape, Activation::relu, stream);
   }
 
+  /**
+   * @brief Throws the first fault that this rank learnt of on the device since the last
+   *        check_faults(): another rank refused its input in a collective call (its status word
+   *        arrived with the records), or the merge refused the global batch (one value per
+   *        feature in training, a count above 2^53). cpu: never throws (there every rank throws
+   *        in the call itself).
+   *
+   * On cuda the status words stay on the device, so a forward / backward that a fault spoiled
+   * does not throw on the ranks that accepted their input: their y (forward) or dx,
+   * grad_weight and grad_bias (backward) of that call are NaN, save_mean / save_invstd are NaN,
+   * the running statistics and nonfinite_batches_skipped are unchanged, num_batches_tracked
+   * counted the call. The rank that refused its input throws in the call, after taking part in
+   * the collective, and changes nothing. Call this where the host synchronizes anyway (e.g.
+   * when reading the loss) to turn the fault into an exception.
+   * @throws batchnorm::invalid_argument naming the rank and the argument it refused (argument
+   *         "shape" for the global batch), batchnorm::state_error for a call out of order on
+   *         that rank, std::runtime_error for another failure on that rank; the record is
+   *         cleared
+   * @note cuda: synchronizes @p stream (reads two ints). Not collective.
+   */
+  void check_faults(stream_type stream = stream_type{}) {
+    const detail::sync_fault found = sync::take_fault(phase_workspace_, stream);
+    if (found.code == 0) return;
+    if (found.rank < 0)
+      throw invalid_argument("shape", detail::concat(name(), ": over all ", ranks_,
+                                                     " ranks (the global batch): the merge refused the shard counts (a "
+                                                     "global batch of one value per feature in training, or a total "
+                                                     "above 2^53); the outputs of that call are NaN"));
+    const auto code = static_cast<detail::sync::fault>(found.code);
+    const std::string text = detail::concat(
+        name(), ": rank ", found.rank, " of ", ranks_, " refused its input in a collective call (",
+        code == detail::sync::fault::state ? std::string("a call out of order")
+                                           : detail::concat("argument ", detail::sync::argument_of(code)),
+        "); this rank's outputs of that call are NaN; that rank's error says why");
+    if (code == detail::sync::fault::state) throw state_error(text);
+    if (code == detail::sync::fault::internal || code == detail::sync::fault::none || found.code < 0 ||
+        found.code > static_cast<int>(detail::sync::fault::internal))
+      throw std::runtime_error(text);
+    throw invalid_argument(detail::sync::argument_of(code), text);
+  }
+
   /// @brief "SyncBatchNorm1d", "SyncBatchNorm2d" or "SyncBatchNorm3d".
   static std::string name() { return "SyncBatchNorm" + std::to_string(Dims) + "d"; }
 
@@ -328,7 +395,7 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
     // 2. The one collective of the forward.
     comm_.all_gather(block.data, stats_gathered_.data(), block.size, stream);
     const span<const double> gathered = whole_const(stats_gathered_);
-    detail::sync::throw_if_any_fault(sync::statuses(gathered, ranks_, stream), local, comm_.rank(), where);
+    detail::sync::throw_if_any_fault(sync::statuses(gathered, ranks_, stream), local, comm_.rank(), ranks_, where);
 
     // 3. Merge in rank order (running statistics, save_mean / save_invstd), then normalize.
     phases::MergeArgs<param_type> merge;
@@ -398,8 +465,8 @@ class SyncBatchNorm : private BatchNorm<T, Dims, Backend> {
 
     comm_.all_gather(block.data, grad_gathered_.data(), block.size, stream);
     const span<const double> gathered = whole_const(grad_gathered_);
-    detail::sync::throw_if_any_fault(sync::statuses(gathered, ranks_, stream), local, comm_.rank(), where);
-    sync::sum_gradient_records(f, gathered, ranks_, whole(grad_sums_), stream);
+    detail::sync::throw_if_any_fault(sync::statuses(gathered, ranks_, stream), local, comm_.rank(), ranks_, where);
+    sync::sum_gradient_records(phase_workspace_, f, gathered, ranks_, whole(grad_sums_), stream);
 
     sync::input_gradient(phase_workspace_, shape, grad, elementwise, stream);
   }

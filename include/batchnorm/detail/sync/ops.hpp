@@ -1,8 +1,8 @@
 /**
  * @file detail/sync/ops.hpp
  * @brief The seam between SyncBatchNorm and a backend's phases: `sync_ops<Backend>`,
- *        specialized here for `cpu`; the `cuda` specialization lives with the CUDA phases
- *        (<batchnorm/cuda.cuh>) and has the same members.
+ *        specialized here for `cpu`; the `cuda` specialization (detail/sync/cuda_ops.cuh) is
+ *        included by <batchnorm/cuda.cuh> and has the same members.
  *
  * Every span below is in the backend's memory (host for cpu, device for cuda) and every
  * function is stream-ordered on @p stream (synchronous on cpu). The layer owns all buffers
@@ -28,8 +28,11 @@
  *    phases::merge_statistics on them, rank 0 first;
  *  - normalize / local_gradient_sums / input_gradient(workspace, shape, args, config, stream):
  *    the phases;
- *  - sum_gradient_records(features, gathered, ranks, sums, stream): sums[i] = Σ over ranks,
- *    rank 0 first, starting from +0.0, of the ranks' gradient records (stride 2F + 1).
+ *  - sum_gradient_records(workspace, features, gathered, ranks, sums, stream): sums[i] = Σ
+ *    over ranks, rank 0 first, starting from +0.0, of the ranks' gradient records (stride 2F + 1);
+ *  - take_fault(workspace, stream) -> sync_fault: a fault the backend saw on the device since
+ *    the last take_fault (and clears it); cpu has none (its statuses are read on the host and
+ *    throw in the call). cuda synchronizes @p stream to read it.
  */
 #pragma once
 
@@ -43,6 +46,13 @@
 #include "../backend.hpp"
 
 namespace batchnorm::detail {
+
+/// A fault seen on the device (sync_ops::take_fault): the first refusing rank's status word
+/// and that rank, or rank −1 when the merge refused the global batch's counts; code 0: none.
+struct sync_fault {
+  int code = 0;
+  int rank = -1;
+};
 
 /// Reached only for a backend whose specialization is not visible (cuda without
 /// <batchnorm/cuda.cuh>, or an unknown tag).
@@ -102,8 +112,8 @@ struct sync_ops<cpu> {
     phases::local_gradient_sums(cpu{}, shape, args, config);
   }
 
-  static void sum_gradient_records(std::int64_t features, span<const double> gathered, int ranks, span<double> sums,
-                                   stream_type) {
+  static void sum_gradient_records(workspace&, std::int64_t features, span<const double> gathered, int ranks,
+                                   span<double> sums, stream_type) {
     const std::int64_t record = phases::gradient_sums_size(features);
     std::fill(sums.data, sums.data + record, 0.0);
     for (int r = 0; r < ranks; ++r) {
@@ -117,6 +127,8 @@ struct sync_ops<cpu> {
                              const phases::ElementwiseConfig& config, stream_type) {
     phases::input_gradient(cpu{}, shape, args, config);
   }
+
+  static sync_fault take_fault(workspace&, stream_type) { return {}; }
 };
 
 }  // namespace batchnorm::detail
