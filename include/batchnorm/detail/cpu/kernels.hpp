@@ -28,8 +28,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -63,13 +66,18 @@ inline constexpr std::int64_t plane_lanes = 8;
 /// Below this many values a call stays on the calling thread (starting threads costs more).
 inline constexpr std::int64_t parallel_threshold = 32768;
 
-// ---- threads ----
-
 // ---- instruction set ----
 // The library is headers compiled with the consumer's flags, often the x86-64 baseline (SSE2:
-// two doubles per vector). Where the compiler allows it, each loop is also compiled for AVX2
-// (target attribute, everything inlined into it by flatten) and chosen at run time. Without FMA:
-// no contraction, so both versions round every operation the same way and give the same bits.
+// two doubles per vector). Where the compiler allows it, each loop is also compiled for AVX2 and
+// for AVX-512 (target attribute, everything inlined into it by flatten) and the widest the
+// processor has is chosen at run time. Never with FMA contraction (AVX2 without the fma target;
+// AVX-512, whose F subset includes FMA, with fp-contract=off): every version rounds every
+// operation the same way, and the lane structure of the loops is explicit (not the vector
+// width), so all versions give the same bits (tested: cpu_paths_test, SameBitsForEveryIsa).
+
+/// The instruction sets a loop can be compiled for, in increasing width.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__AVX2__) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER) && !defined(BATCHNORM_NO_DISPATCH)
 #define BATCHNORM_CPU_DISPATCH 1
@@ -77,20 +85,62 @@ template <class F>
 __attribute__((target("avx2"), flatten)) void run_avx2(F& f) {
   f();
 }
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// GCC only: clang ignores the optimize attribute and would contract a·b + c into an FMA.
+#if !defined(__clang__)
+#define BATCHNORM_CPU_DISPATCH_AVX512 1
+template <class F>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off"), flatten)) void
+run_avx512(F& f) {
+  f();
 }
 #endif
+#endif
 
-/// f(), compiled for the best instruction set the processor has (see above).
+/// The widest instruction set this processor and this build can use.
+inline Isa best_isa() {
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return Isa::avx512;
+#endif
+#if defined(BATCHNORM_CPU_DISPATCH)
+  if (__builtin_cpu_supports("avx2")) return Isa::avx2;
+#endif
+  return Isa::baseline;
+}
+
+/**
+ * @brief The instruction set the loops use: the widest available, capped by the environment
+ *        variable BATCHNORM_CPU_ISA (`baseline`, `avx2`, `avx512`; read once) or by assigning
+ *        this value (tests compare the versions). Results are the same bits for every value.
+ */
+inline std::atomic<int>& isa_in_use() {
+  static std::atomic<int> isa{[] {
+    int best = static_cast<int>(best_isa());
+    if (const char* cap = std::getenv("BATCHNORM_CPU_ISA")) {
+      const std::string c(cap);
+      const int limit = c == "baseline" ? 0 : c == "avx2" ? 1 : c == "avx512" ? 2 : best;
+      best = std::min(best, limit);
+    }
+    return best;
+  }()};
+  return isa;
+}
+
+/// f(), compiled for the instruction set in use (see above).
 template <class F>
 void run_vectorized(F&& f) {
 #if defined(BATCHNORM_CPU_DISPATCH)
-  if (cpu_has_avx2()) return run_avx2(f);
+  const int isa = isa_in_use().load(std::memory_order_relaxed);
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (isa >= static_cast<int>(Isa::avx512)) return run_avx512(f);
+#endif
+  if (isa >= static_cast<int>(Isa::avx2)) return run_avx2(f);
 #endif
   f();
 }
+
+// ---- threads ----
 
 /**
  * @brief body(i) for i in [0, count), on the caller's OpenMP threads (OMP_NUM_THREADS /
