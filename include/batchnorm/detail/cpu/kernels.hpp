@@ -10,19 +10,25 @@
  *            per-activation channels-last); loops run across the row, so they vectorize across
  *            features.
  *
- * Speed comes from independent accumulators: every reduction keeps L lanes (8 for a plane, the
- * row's positions, replicated to at least 64 for narrow rows) added in a fixed order at the end,
- * so no add waits for the previous one and the compiler vectorizes the lane loop. Inner loops
- * have no branches: relu, residual, null outputs are template parameters.
+ * Speed comes from keeping every loop busy on arithmetic rather than waiting:
+ *  - independent accumulators: a plane reduction keeps 32 lanes (16 for the three gradient
+ *    sums), added pairwise in a fixed order at the end, so no add waits for the previous one;
+ *  - the rows loops handle four rows at once (rows_at_once): a lane's center, coefficients and
+ *    accumulators are loaded once per four rows, which is what bounded them;
+ *  - fusion per NCHW channel while it is in L2: training forward (statistics, then normalize)
+ *    and backward (gradient sums, then input gradient) read their inputs from memory once;
+ *  - inner loops without branches (relu, residual, null outputs are template parameters),
+ *    compiled for the widest instruction set available (see run_vectorized);
+ *  - no allocation in a steady state (scratch()).
  *
  * Determinism: a reduction is split into tasks and chunks whose bounds depend only on the shape
  * and the element size, never on the thread count; each task's partial result has its own slot,
  * and the slots are combined in task order. So the same input gives the same bits for any number
  * of OpenMP threads (and without OpenMP). Threads only decide who computes which slot.
  *
- * Accuracy: statistics stay in double, two passes per chunk of <= chunk_elements values while
- * it is in cache (mean of x − pivot, pivot = the chunk's first value, then M2 about that mean),
- * chunks merged by Chan's formula (detail::merge). A constant feature gives mean = the value and
+ * Accuracy: statistics stay in double, two passes per chunk (chunk_elements values of a plane,
+ * row_chunk_elements of a rows block) while it is in cache (mean of x − pivot, pivot = the
+ * chunk's first value, then M2 about that mean), chunks merged by Chan's formula (detail::merge). A constant feature gives mean = the value and
  * M2 = 0 exactly (every term is 0 and every merge adds 0).
  */
 #pragma once
@@ -30,14 +36,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <memory>
-#include <new>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
+#include <new>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
