@@ -48,23 +48,27 @@ inline double to_double(std::uint64_t u) {
 // the loop then runs one element at a time). No floating-point operation here can be contracted
 // into an FMA, so every instruction set gives the same bits.
 
-/// All ones when @p condition holds, else 0: selects as masks, (a & m) | (b & ~m).
+/// All ones when @p condition holds, else 0: selects as masks, (a & m) | (b & ~m). Conditions
+/// compare values below 2^31 as signed integers: one vector instruction (unsigned needs two).
 inline std::uint32_t mask(bool condition) { return 0u - static_cast<std::uint32_t>(condition); }
+inline std::int32_t as_signed(std::uint32_t u) { return static_cast<std::int32_t>(u); }
 
 /// bfloat16 bits → double (exact: a bfloat16 is the top half of a float).
 inline double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(to_float(std::uint32_t{h} << 16)); }
 
-/// IEEE binary16 bits → double (exact; subnormals through an exact integer product, so that a
-/// denormals-are-zero FPU mode cannot flush them).
+/// IEEE binary16 bits → double (exact; subnormals through an exact float subtraction of normal
+/// floats, so that a denormals-are-zero FPU mode cannot flush them).
 inline double half_to_double(std::uint16_t h) {
   const std::uint32_t sign = (std::uint32_t{h} & 0x8000u) << 16;
   const std::uint32_t magnitude = std::uint32_t{h} & 0x7fffu;
-  const std::uint32_t normal = (magnitude << 13) + ((127u - 15u) << 23);
-  const std::uint32_t special = (magnitude << 13) | 0x7f800000u;  // inf, NaN (payload kept)
-  const std::uint32_t subnormal = of(static_cast<float>(static_cast<std::int32_t>(magnitude)) * 0x1p-24f);
-  const std::uint32_t is_special = mask(magnitude >= 0x7c00u), is_subnormal = mask(magnitude < 0x400u);
-  const std::uint32_t u = (special & is_special) | (subnormal & is_subnormal) | (normal & ~(is_special | is_subnormal));
-  return static_cast<double>(to_float(u | sign));
+  const std::uint32_t shifted = magnitude << 13;  // exponent and mantissa in float's places
+  const std::uint32_t is_special = mask(as_signed(magnitude) >= 0x7c00);  // inf, NaN (payload kept)
+  const std::uint32_t is_subnormal = mask(as_signed(magnitude) < 0x400);
+  // rebias 15 → 127 (twice for inf / NaN: exponent 31 → 255)
+  const std::uint32_t normal = shifted + ((127u - 15u) << 23) + (is_special & ((127u - 15u) << 23));
+  // subnormal m·2^-24: the normal float 2^-14·(1 + m/1024), less 2^-14 (exact)
+  const std::uint32_t subnormal = of(to_float(shifted + ((127u - 14u) << 23)) - 0x1p-14f);
+  return static_cast<double>(to_float(((subnormal & is_subnormal) | (normal & ~is_subnormal)) | sign));
 }
 
 /**
@@ -88,7 +92,7 @@ inline std::uint16_t double_to_bfloat16(double d) {
   // anything smaller is below half the least bfloat16 subnormal whatever the float rounds it to.
   const std::uint32_t u = of(static_cast<float>(round_to_odd<10>(d)));
   const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const std::uint32_t nan = mask((u & 0x7fffffffu) > 0x7f800000u);
+  const std::uint32_t nan = mask(as_signed(u & 0x7fffffffu) > 0x7f800000);
   return static_cast<std::uint16_t>((((u >> 16) | 0x7fffu) & nan) | (rounded & ~nan));
 }
 
@@ -106,9 +110,10 @@ inline std::uint16_t double_to_half(double d) {
   // nearest even at 2^-24, the half subnormal step), then take the low bits
   const std::uint32_t magic = 126u << 23;
   const std::uint32_t subnormal = of(to_float(a) + to_float(magic)) - magic;
-  const std::uint32_t is_subnormal = mask(a < (113u << 23));
+  const std::uint32_t is_subnormal = mask(as_signed(a) < as_signed(113u << 23));
   const std::uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
-  const std::uint32_t is_nan = mask(a > 0x7f800000u), is_inf = mask(a >= ((127u + 16u) << 23)) & ~is_nan;
+  const std::uint32_t is_nan = mask(as_signed(a) > 0x7f800000);
+  const std::uint32_t is_inf = mask(as_signed(a) >= as_signed((127u + 16u) << 23)) & ~is_nan;
   const std::uint32_t r = (0x7fffu & is_nan) | (0x7c00u & is_inf) | (finite & ~(is_nan | is_inf));
   return static_cast<std::uint16_t>(r | sign);
 }
