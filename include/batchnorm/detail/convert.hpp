@@ -10,32 +10,44 @@
 #include <cstdint>
 #include <cstring>
 
+// Every conversion is forced inline: the CPU loops vectorize only with the conversion's body in
+// them, and GCC's inliner gives up on double_to_half (the loop then calls it once per element).
+// The instruction-set versions of the loops inline everything anyway (flatten); this covers a
+// build whose flags already have the instruction set (no dispatch) and the baseline.
+#if defined(__GNUC__) || defined(__clang__)
+#define BN_CONVERT_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BN_CONVERT_INLINE __forceinline
+#else
+#define BN_CONVERT_INLINE inline
+#endif
+
 namespace batchnorm::detail {
 
 template <class T>
 struct convert {
-  static double to_double(T v) { return static_cast<double>(v); }
-  static T from_double(double v) { return static_cast<T>(v); }
+  static BN_CONVERT_INLINE double to_double(T v) { return static_cast<double>(v); }
+  static BN_CONVERT_INLINE T from_double(double v) { return static_cast<T>(v); }
 };
 
 namespace bits {
 
-inline std::uint32_t of(float f) {
+BN_CONVERT_INLINE std::uint32_t of(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
-inline float to_float(std::uint32_t u) {
+BN_CONVERT_INLINE float to_float(std::uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-inline std::uint64_t of(double d) {
+BN_CONVERT_INLINE std::uint64_t of(double d) {
   std::uint64_t u;
   std::memcpy(&u, &d, sizeof u);
   return u;
 }
-inline double to_double(std::uint64_t u) {
+BN_CONVERT_INLINE double to_double(std::uint64_t u) {
   double d;
   std::memcpy(&d, &u, sizeof d);
   return d;
@@ -50,15 +62,15 @@ inline double to_double(std::uint64_t u) {
 
 /// All ones when @p condition holds, else 0: selects as masks, (a & m) | (b & ~m). Conditions
 /// compare values below 2^31 as signed integers: one vector instruction (unsigned needs two).
-inline std::uint32_t mask(bool condition) { return 0u - static_cast<std::uint32_t>(condition); }
-inline std::int32_t as_signed(std::uint32_t u) { return static_cast<std::int32_t>(u); }
+BN_CONVERT_INLINE std::uint32_t mask(bool condition) { return 0u - static_cast<std::uint32_t>(condition); }
+BN_CONVERT_INLINE std::int32_t as_signed(std::uint32_t u) { return static_cast<std::int32_t>(u); }
 
 /// bfloat16 bits → double (exact: a bfloat16 is the top half of a float).
-inline double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(to_float(std::uint32_t{h} << 16)); }
+BN_CONVERT_INLINE double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(to_float(std::uint32_t{h} << 16)); }
 
 /// IEEE binary16 bits → double (exact; subnormals through an exact float subtraction of normal
 /// floats, so that a denormals-are-zero FPU mode cannot flush them).
-inline double half_to_double(std::uint16_t h) {
+BN_CONVERT_INLINE double half_to_double(std::uint16_t h) {
   const std::uint32_t sign = (std::uint32_t{h} & 0x8000u) << 16;
   const std::uint32_t magnitude = std::uint32_t{h} & 0x7fffu;
   const std::uint32_t shifted = magnitude << 13;  // exponent and mantissa in float's places
@@ -78,7 +90,7 @@ inline double half_to_double(std::uint16_t h) {
  *        directly. Integer operations on the bits only (a NaN stays NaN, ±inf stays ±inf).
  */
 template <int Kept>
-inline double round_to_odd(double d) {
+BN_CONVERT_INLINE double round_to_odd(double d) {
   static_assert(Kept >= 2 && Kept <= 52, "significant bits of the result");
   constexpr std::uint64_t dropped = (std::uint64_t{1} << (53 - Kept)) - 1;
   const std::uint64_t u = of(d);
@@ -87,7 +99,7 @@ inline double round_to_odd(double d) {
 }
 
 /// double → bfloat16 bits, one rounding to nearest even; NaN → 0x7fff with the sign of @p d.
-inline std::uint16_t double_to_bfloat16(double d) {
+BN_CONVERT_INLINE std::uint16_t double_to_bfloat16(double d) {
   // 10 significant bits (bfloat16's 8 + 2): the float conversion is exact down to 2^-140, and
   // anything smaller is below half the least bfloat16 subnormal whatever the float rounds it to.
   const std::uint32_t u = of(static_cast<float>(round_to_odd<10>(d)));
@@ -98,7 +110,7 @@ inline std::uint16_t double_to_bfloat16(double d) {
 
 /// double → IEEE binary16 bits, one rounding to nearest even; beyond 65504 (after rounding)
 /// ±inf; NaN → 0x7fff with the sign of @p d.
-inline std::uint16_t double_to_half(double d) {
+BN_CONVERT_INLINE std::uint16_t double_to_half(double d) {
   // 13 significant bits (half's 11 + 2): the float conversion is exact down to 2^-137, far below
   // half's least subnormal 2^-24.
   const std::uint32_t u = of(static_cast<float>(round_to_odd<13>(d)));
