@@ -8,8 +8,9 @@
  * The CPU backend reads and writes activations through detail::convert<T>; this header
  * specializes it with branch-free bit conversions (detail/convert.hpp) that give the same bits
  * as the toolkit's host `__half2float` / `__double2half` / `__double2bfloat16` (tested), at a
- * fraction of their cost: half → double is exact, and double → half rounds once, to nearest
- * even (through float rounded *to odd*, never float's nearest, which would round twice).
+ * fraction of their cost (they vectorize): half → double is exact, and double → half rounds
+ * once, to nearest even (the double first rounded *to odd* at two bits more than the half type
+ * keeps, an exact float then, never float's nearest, which would round twice).
  * Overflow gives ±inf, NaN stays NaN.
  *
  * Needs the CUDA toolkit's include directory (CMake: `${CUDAToolkit_INCLUDE_DIRS}` from

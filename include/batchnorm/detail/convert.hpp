@@ -2,8 +2,8 @@
  * @file detail/convert.hpp
  * @brief Host-side conversion between a storage type and double, the CPU backend's
  *        accumulation type. Half types specialize it in <batchnorm/half.hpp> with the bit-exact,
- *        branch-free conversions below (the toolkit's host __double2half / __double2bfloat16 are
- *        branchy software code: most of a bf16 forward's time went there).
+ *        branch-free conversions below, written so that the CPU loops around them vectorize
+ *        (the toolkit's host __double2half / __double2bfloat16 are branchy scalar code).
  */
 #pragma once
 
