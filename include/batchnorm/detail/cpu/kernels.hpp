@@ -405,19 +405,19 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
                            std::int64_t width, std::int64_t stride, const double* __restrict mean,
                            double* __restrict s_dy, double* __restrict s_dy_xmu, double* __restrict s_xmu) {
   using conv = convert<T>;
+  static_assert(rows_at_once == 4, "the loop below is written out for four rows");
   std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
-    const std::int64_t o = r * stride;
+    const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
     for (std::int64_t j = 0; j < width; ++j) {
       const double m = mean[j];
-      double g[rows_at_once], xmu[rows_at_once];
-      for (std::int64_t k = 0; k < rows_at_once; ++k) {
-        g[k] = upstream<Relu>(dy, y, o + k * stride + j);
-        xmu[k] = conv::to_double(x[o + k * stride + j]) - m;
-      }
-      s_dy[j] += (g[0] + g[1]) + (g[2] + g[3]);
-      s_dy_xmu[j] += (g[0] * xmu[0] + g[1] * xmu[1]) + (g[2] * xmu[2] + g[3] * xmu[3]);
-      s_xmu[j] += (xmu[0] + xmu[1]) + (xmu[2] + xmu[3]);
+      const double g0 = upstream<Relu>(dy, y, o0 + j), g1 = upstream<Relu>(dy, y, o1 + j);
+      const double g2 = upstream<Relu>(dy, y, o2 + j), g3 = upstream<Relu>(dy, y, o3 + j);
+      const double d0 = conv::to_double(x[o0 + j]) - m, d1 = conv::to_double(x[o1 + j]) - m;
+      const double d2 = conv::to_double(x[o2 + j]) - m, d3 = conv::to_double(x[o3 + j]) - m;
+      s_dy[j] += (g0 + g1) + (g2 + g3);
+      s_dy_xmu[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3);
+      s_xmu[j] += (d0 + d1) + (d2 + d3);
     }
   }
   for (; r < rows; ++r)
@@ -488,16 +488,41 @@ Welford<double> plane_range_moments(const Geometry& g, const T* x, std::int64_t 
   for (std::int64_t b = begin; b < end; b += chunk_elements) {
     const std::int64_t e = std::min(end, b + chunk_elements);
     const double pivot = finite_or_zero(conv::to_double(channel[(b / g.S) * plane_stride + b % g.S]));
-    alignas(64) double acc[plane_lanes] = {};
-    for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-      add_plane_deviations<false, plane_lanes>(channel + n * plane_stride + s, length, pivot, acc);
-    });
     const auto m = e - b;
-    const double mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
-    std::fill(acc, acc + plane_lanes, 0.0);
-    for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-      add_plane_deviations<true, plane_lanes>(channel + n * plane_stride + s, length, mean, acc);
-    });
+    double mean = 0.0;
+    alignas(64) double acc[plane_lanes] = {};
+    if constexpr (sizeof(T) == 2) {
+      // Half types: widen the chunk once (exact) and run both passes over the doubles, in the same
+      // runs (lanes restart at each run) and order as below, so the same bits; the passes then use
+      // full-width vectors instead of converting every value twice.
+      alignas(64) double wide[chunk_elements];
+      std::int64_t k = 0;
+      for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+        const T* p = channel + n * plane_stride + s;
+        for (std::int64_t i = 0; i < length; ++i) wide[k + i] = conv::to_double(p[i]);
+        k += length;
+      });
+      auto pass = [&](auto square, double center) {
+        std::int64_t o = 0;
+        for_each_run(b, e, g.S, [&](std::int64_t, std::int64_t, std::int64_t length) {
+          add_plane_deviations<decltype(square)::value, plane_lanes>(wide + o, length, center, acc);
+          o += length;
+        });
+      };
+      pass(std::false_type{}, pivot);
+      mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
+      std::fill(acc, acc + plane_lanes, 0.0);
+      pass(std::true_type{}, mean);
+    } else {
+      for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+        add_plane_deviations<false, plane_lanes>(channel + n * plane_stride + s, length, pivot, acc);
+      });
+      mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
+      std::fill(acc, acc + plane_lanes, 0.0);
+      for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+        add_plane_deviations<true, plane_lanes>(channel + n * plane_stride + s, length, mean, acc);
+      });
+    }
     total = merge(total, Welford<double>{mean, sum_plane_lanes<plane_lanes>(acc), m});
   }
   return total;
