@@ -81,6 +81,8 @@ inline constexpr std::int64_t plane_gradient_lanes = 16;
 /// accumulators are loaded once for this many rows (those loops are bound by loads, not by
 /// arithmetic; a lane's terms of these rows are added pairwise, then to the lane).
 inline constexpr std::int64_t rows_at_once = 4;
+/// Values a thread takes at once from a parallel loop's tasks (a run of small tasks).
+inline constexpr std::int64_t grab_values = 32768;
 /// Below this many values a call stays on the calling thread (starting threads costs more).
 inline constexpr std::int64_t parallel_threshold = 32768;
 
@@ -170,7 +172,10 @@ template <class Body>
 void parallel_for(std::int64_t count, std::int64_t values, Body&& body) {
 #if defined(_OPENMP)
   if (count > 1 && values >= parallel_threshold && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(dynamic, 1)
+    // Threads take tasks in runs of about grab_values values: one plane of a (8, 2048, 7, 7)
+    // tensor is 49 values, and taking those one by one costs more than computing them.
+    const std::int64_t grab = std::max<std::int64_t>(1, grab_values * count / values);
+#pragma omp parallel for schedule(dynamic, grab)
     for (std::int64_t i = 0; i < count; ++i) run_vectorized([&] { body(i); });
     return;
   }
