@@ -2,7 +2,8 @@
 // (support/reference.hpp): NCHW planes fused (a channel fits the cache budget) and unfused
 // (split into tasks), (N, C) rows narrow and wide (column blocks), NHWC, per-activation in both
 // layouts, relu / residual / dx / dresidual combinations, odd sizes, one sample, empty batches;
-// the same bits for 1, 2, 3 and 7 OpenMP threads; constant features give exactly the bias.
+// the same bits for 1, 2, 3 and 7 OpenMP threads, for every instruction set the loops are
+// compiled for, and in place; constant features give exactly the bias.
 #include <batchnorm/batchnorm.hpp>
 #include <batchnorm/phases.hpp>
 #include <gtest/gtest.h>
@@ -34,9 +35,10 @@ struct PathCase {
   Mode mode;
 };
 
-// Sizes are odd (not multiples of 8 lanes or of a vector); most are large enough to cross
-// chunk_elements (8192), task_elements (65536) and the thread threshold (32768 values), so that
-// the thread-count test runs them on several threads; a few small ones cover the serial path.
+// Sizes are odd (not multiples of the lanes, of the four rows of the rows loops, or of a
+// vector); most are large enough to cross chunk_elements (8192), row_chunk_elements (32768),
+// task_elements (65536) and the thread threshold (32768 values), so that the thread-count test
+// runs them on several threads; a few small ones cover the serial path.
 std::vector<PathCase> path_cases() {
   return {
       {"planes fused", {5, 3, 7, 9}, Layout::contiguous, Mode::per_channel},
@@ -225,6 +227,101 @@ TYPED_TEST(CpuPaths, SameBitsForAnyThreadCount) {
     }
   }
   set_threads(before);
+}
+
+// The same bits from every instruction set the loops are compiled for (baseline x86-64, AVX2,
+// AVX-512 where the processor has them): lanes are explicit and nothing is contracted into FMA.
+TYPED_TEST(CpuPaths, SameBitsForEveryIsa) {
+  using T = TypeParam;
+  namespace ci = batchnorm::detail::cpu_impl;
+  const int best = static_cast<int>(ci::best_isa()), before = ci::isa_in_use().load();
+  for (const PathCase& k : path_cases()) {
+    SCOPED_TRACE(k.path);
+    const Shape shape = bn_test::make_shape(k.extents, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+    const auto x = bnref::cast<T>(bnref::normal(numel, 51, 3.0, 2.0));
+    const auto z = bnref::cast<T>(bnref::normal(numel, 52));
+    const auto dy = bnref::cast<T>(bnref::normal(numel, 53));
+    const auto w = bnref::cast<T>(bnref::normal(F, 54, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 55));
+    ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
+    for (const bool relu : {false, true}) {
+      const Outputs<T> base = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+      for (int isa = 1; isa <= best; ++isa) {
+        ci::isa_in_use() = isa;
+        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+        ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
+        const std::string t = "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": ");
+        expect_same_bits(r.y, base.y, t + "y");
+        expect_same_bits(r.save_mean, base.save_mean, t + "save_mean");
+        expect_same_bits(r.save_invstd, base.save_invstd, t + "save_invstd");
+        expect_same_bits(r.running_var, base.running_var, t + "running_var");
+        expect_same_bits(r.dx, base.dx, t + "dx");
+        expect_same_bits(r.dresidual, base.dresidual, t + "dresidual");
+        expect_same_bits(r.grad_weight, base.grad_weight, t + "grad_weight");
+        expect_same_bits(r.grad_bias, base.grad_bias, t + "grad_bias");
+        expect_same_bits(r.statistics, base.statistics, t + "local_statistics");
+      }
+    }
+  }
+  ci::isa_in_use() = before;
+}
+
+// In place (y = x, y = residual; dx = dy, dx = x, dresidual = dy) gives the same bits as
+// separate buffers, in every path (the rows loops take another loop when buffers coincide).
+TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
+  using T = TypeParam;
+  for (const PathCase& k : path_cases()) {
+    SCOPED_TRACE(k.path);
+    const Shape shape = bn_test::make_shape(k.extents, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+    const auto x = bnref::cast<T>(bnref::normal(numel, 71, 3.0, 2.0));
+    const auto z = bnref::cast<T>(bnref::normal(numel, 72));
+    const auto dy = bnref::cast<T>(bnref::normal(numel, 73));
+    const auto w = bnref::cast<T>(bnref::normal(F, 74, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 75));
+    // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
+    const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+    std::vector<T> mean(F), invstd(F);
+    for (const bool onto_residual : {false, true}) {
+      std::vector<T> buf = onto_residual ? z : x, rm(F, T(0.5)), rv(F, T(2));
+      batchnorm::ForwardArgs<T> fa;
+      fa.x = onto_residual ? x.data() : buf.data();
+      fa.residual = onto_residual ? buf.data() : z.data();
+      fa.y = buf.data();
+      fa.weight = {w.data(), F};
+      fa.bias = {b.data(), F};
+      fa.running_mean = rm;
+      fa.running_var = rv;
+      fa.save_mean = mean;
+      fa.save_invstd = invstd;
+      batchnorm::ForwardConfig fc;
+      fc.mode = k.mode;
+      fc.activation = Activation::relu;
+      batchnorm::forward(cpu{}, shape, fa, fc);
+      expect_same_bits(buf, sep.y, onto_residual ? "y = residual" : "y = x");
+    }
+    // Backward: dx onto dy (with dresidual separate), then dresidual onto dy (dx separate).
+    for (const bool dres_onto_dy : {false, true}) {
+      std::vector<T> g = dy, other(numel, T(0)), gw(F, T(0)), gb(F, T(0));
+      batchnorm::BackwardArgs<T> ba;
+      ba.x = x.data();
+      ba.dy = g.data();
+      ba.y = sep.y.data();
+      ba.dx = dres_onto_dy ? other.data() : g.data();
+      ba.dresidual = dres_onto_dy ? g.data() : other.data();
+      ba.weight = {w.data(), F};
+      ba.mean = {sep.save_mean.data(), F};
+      ba.invstd = {sep.save_invstd.data(), F};
+      ba.grad_weight = gw;
+      ba.grad_bias = gb;
+      batchnorm::BackwardConfig bc;
+      bc.mode = k.mode;
+      bc.activation = Activation::relu;
+      batchnorm::backward(cpu{}, shape, ba, bc);
+      expect_same_bits(dres_onto_dy ? other : g, sep.dx, dres_onto_dy ? "dx (dresidual = dy)" : "dx = dy");
+      expect_same_bits(dres_onto_dy ? g : other, sep.dresidual, dres_onto_dy ? "dresidual = dy" : "dresidual (dx = dy)");
+      expect_same_bits(gw, sep.grad_weight, "grad_weight");
+    }
+  }
 }
 
 // A constant feature (at an offset, at 1e30) gives exactly the bias and variance 0, in every path.

@@ -1,11 +1,14 @@
 // The CPU backend's branch-free half / bfloat16 conversions (detail/convert.hpp, used by
 // <batchnorm/half.hpp>) give the same bits as the CUDA toolkit's host conversions: every
 // 16-bit pattern widened, and doubles at, between, and one double-ulp around every rounding
-// boundary narrowed, plus random doubles over the whole exponent range and the specials.
+// boundary narrowed, plus random doubles over the whole exponent range and the specials; and
+// the same again through loops over arrays, compiled as the CPU backend compiles its own (for the
+// best instruction set the processor has, vectorized), which must give the same bits.
 #include <gtest/gtest.h>
 
 #if __has_include(<cuda_fp16.h>) && __has_include(<cuda_bf16.h>)
 #include <batchnorm/batchnorm.hpp>
+#include <batchnorm/detail/cpu/kernels.hpp>
 #include <batchnorm/half.hpp>
 
 #include <cmath>
@@ -95,6 +98,45 @@ TEST(HalfConversion, BFloat16NarrowingMatchesDouble2BFloat16) {
     const bool nan = std::isnan(d);
     if (nan ? (got & 0x7fffu) <= 0x7f80u || (got & 0x7f80u) != 0x7f80u : got != want) {
       if (++failures < 10) ADD_FAILURE() << std::hexfloat << d << ": got 0x" << std::hex << got << ", toolkit 0x" << want;
+    }
+  }
+  EXPECT_EQ(failures, 0);
+}
+
+/// Narrowing and widening over whole arrays, in the CPU backend's loop dispatch (run_vectorized:
+/// the AVX2 or wider version where the processor has it, and the loops vectorize), against the
+/// toolkit element by element.
+TEST(HalfConversion, VectorizedLoopsGiveTheToolkitBits) {
+  std::vector<std::uint16_t> patterns(0x10000);
+  for (std::uint32_t b = 0; b < 0x10000u; ++b) patterns[b] = static_cast<std::uint16_t>(b);
+  std::vector<double> wide_half(patterns.size()), wide_bf16(patterns.size());
+  batchnorm::detail::cpu_impl::run_vectorized([&] {
+    for (std::size_t i = 0; i < patterns.size(); ++i) wide_half[i] = bits::half_to_double(patterns[i]);
+    for (std::size_t i = 0; i < patterns.size(); ++i) wide_bf16[i] = bits::bfloat16_to_double(patterns[i]);
+  });
+  int failures = 0;
+  for (std::uint32_t b = 0; b < 0x10000u; ++b) {
+    const double want_h = static_cast<double>(__half2float(make_half(patterns[b])));
+    const double want_f = static_cast<double>(__bfloat162float(make_bf16(patterns[b])));
+    const bool ok_h = std::isnan(want_h) ? std::isnan(wide_half[b]) : std::memcmp(&wide_half[b], &want_h, 8) == 0;
+    const bool ok_f = std::isnan(want_f) ? std::isnan(wide_bf16[b]) : std::memcmp(&wide_bf16[b], &want_f, 8) == 0;
+    if ((!ok_h || !ok_f) && ++failures < 10) ADD_FAILURE() << "widening 0x" << std::hex << b;
+  }
+  for (auto widen : {bits::half_to_double, bits::bfloat16_to_double}) {
+    const std::vector<double> in = probes(widen);
+    std::vector<std::uint16_t> half(in.size()), bf16(in.size());
+    batchnorm::detail::cpu_impl::run_vectorized([&] {
+      for (std::size_t i = 0; i < in.size(); ++i) half[i] = bits::double_to_half(in[i]);
+      for (std::size_t i = 0; i < in.size(); ++i) bf16[i] = bits::double_to_bfloat16(in[i]);
+    });
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      // NaN: the scalar tests above pin the NaN patterns; here the loops must agree with them
+      const std::uint16_t want_h = std::isnan(in[i]) ? bits::double_to_half(in[i]) : raw(__double2half(in[i]));
+      const std::uint16_t want_f =
+          std::isnan(in[i]) ? bits::double_to_bfloat16(in[i]) : raw(__double2bfloat16(in[i]));
+      if ((half[i] != want_h || bf16[i] != want_f) && ++failures < 10)
+        ADD_FAILURE() << std::hexfloat << in[i] << ": half 0x" << std::hex << half[i] << " (want 0x" << want_h
+                      << "), bf16 0x" << bf16[i] << " (want 0x" << want_f << ")";
     }
   }
   EXPECT_EQ(failures, 0);

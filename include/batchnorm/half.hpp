@@ -8,8 +8,9 @@
  * The CPU backend reads and writes activations through detail::convert<T>; this header
  * specializes it with branch-free bit conversions (detail/convert.hpp) that give the same bits
  * as the toolkit's host `__half2float` / `__double2half` / `__double2bfloat16` (tested), at a
- * fraction of their cost: half → double is exact, and double → half rounds once, to nearest
- * even (through float rounded *to odd*, never float's nearest, which would round twice).
+ * fraction of their cost (they vectorize): half → double is exact, and double → half rounds
+ * once, to nearest even (the double first rounded *to odd* at two bits more than the half type
+ * keeps, an exact float then, never float's nearest, which would round twice).
  * Overflow gives ±inf, NaN stays NaN.
  *
  * Needs the CUDA toolkit's include directory (CMake: `${CUDAToolkit_INCLUDE_DIRS}` from
@@ -51,12 +52,12 @@ struct convert<__half> {
    * @brief Exact value of @p v as a double.
    * @param v a half value (any, including inf and NaN)
    */
-  static double to_double(__half v) { return bits::half_to_double(static_cast<__half_raw>(v).x); }
+  static BN_CONVERT_INLINE double to_double(__half v) { return bits::half_to_double(static_cast<__half_raw>(v).x); }
   /**
    * @brief @p v rounded to the nearest half (ties to even); beyond ±65504 (after rounding) ±inf.
    * @param v the value to store
    */
-  static __half from_double(double v) {
+  static BN_CONVERT_INLINE __half from_double(double v) {
     __half_raw r;
     r.x = bits::double_to_half(v);
     return __half(r);
@@ -70,14 +71,14 @@ struct convert<__nv_bfloat16> {
    * @brief Exact value of @p v as a double.
    * @param v a bfloat16 value (any, including inf and NaN)
    */
-  static double to_double(__nv_bfloat16 v) {
+  static BN_CONVERT_INLINE double to_double(__nv_bfloat16 v) {
     return bits::bfloat16_to_double(static_cast<__nv_bfloat16_raw>(v).x);
   }
   /**
    * @brief @p v rounded to the nearest bfloat16 (ties to even).
    * @param v the value to store
    */
-  static __nv_bfloat16 from_double(double v) {
+  static BN_CONVERT_INLINE __nv_bfloat16 from_double(double v) {
     __nv_bfloat16_raw r;
     r.x = bits::double_to_bfloat16(v);
     return __nv_bfloat16(r);

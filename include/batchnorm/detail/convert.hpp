@@ -2,77 +2,118 @@
  * @file detail/convert.hpp
  * @brief Host-side conversion between a storage type and double, the CPU backend's
  *        accumulation type. Half types specialize it in <batchnorm/half.hpp> with the bit-exact,
- *        branch-free conversions below (the toolkit's host __double2half / __double2bfloat16 are
- *        branchy software code: most of a bf16 forward's time went there).
+ *        branch-free conversions below, written so that the CPU loops around them vectorize
+ *        (the toolkit's host __double2half / __double2bfloat16 are branchy scalar code).
  */
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+// Every conversion is forced inline: the CPU loops vectorize only with the conversion's body in
+// them, and GCC's inliner gives up on double_to_half (the loop then calls it once per element).
+// The instruction-set versions of the loops inline everything anyway (flatten); this covers a
+// build whose flags already have the instruction set (no dispatch) and the baseline.
+#if defined(__GNUC__) || defined(__clang__)
+#define BN_CONVERT_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BN_CONVERT_INLINE __forceinline
+#else
+#define BN_CONVERT_INLINE inline
+#endif
+
 namespace batchnorm::detail {
 
 template <class T>
 struct convert {
-  static double to_double(T v) { return static_cast<double>(v); }
-  static T from_double(double v) { return static_cast<T>(v); }
+  static BN_CONVERT_INLINE double to_double(T v) { return static_cast<double>(v); }
+  static BN_CONVERT_INLINE T from_double(double v) { return static_cast<T>(v); }
 };
 
 namespace bits {
 
-inline std::uint32_t of(float f) {
+BN_CONVERT_INLINE std::uint32_t of(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
-inline float to_float(std::uint32_t u) {
+BN_CONVERT_INLINE float to_float(std::uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+BN_CONVERT_INLINE std::uint64_t of(double d) {
+  std::uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+BN_CONVERT_INLINE double to_double(std::uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+// Why these formulations: the CPU loops convert every element, so each function is a straight
+// line of integer and float operations on plain values, with every candidate result computed
+// unconditionally and chosen by an integer mask. GCC then vectorizes the loops around them (a
+// ternary whose arm holds a float operation stays a branch under the default -ftrapping-math, and
+// the loop then runs one element at a time). No floating-point operation here can be contracted
+// into an FMA, so every instruction set gives the same bits.
+
+/// All ones when @p condition holds, else 0: selects as masks, (a & m) | (b & ~m). Conditions
+/// compare values below 2^31 as signed integers: one vector instruction (unsigned needs two).
+BN_CONVERT_INLINE std::uint32_t mask(bool condition) { return 0u - static_cast<std::uint32_t>(condition); }
+BN_CONVERT_INLINE std::int32_t as_signed(std::uint32_t u) { return static_cast<std::int32_t>(u); }
 
 /// bfloat16 bits → double (exact: a bfloat16 is the top half of a float).
-inline double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(to_float(std::uint32_t{h} << 16)); }
+BN_CONVERT_INLINE double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(to_float(std::uint32_t{h} << 16)); }
 
-/// IEEE binary16 bits → double (exact; subnormals through an exact integer product, so that a
-/// denormals-are-zero FPU mode cannot flush them).
-inline double half_to_double(std::uint16_t h) {
+/// IEEE binary16 bits → double (exact; subnormals through an exact float subtraction of normal
+/// floats, so that a denormals-are-zero FPU mode cannot flush them).
+BN_CONVERT_INLINE double half_to_double(std::uint16_t h) {
   const std::uint32_t sign = (std::uint32_t{h} & 0x8000u) << 16;
   const std::uint32_t magnitude = std::uint32_t{h} & 0x7fffu;
-  const std::uint32_t normal = (magnitude << 13) + ((127u - 15u) << 23);
-  const std::uint32_t special = (magnitude << 13) | 0x7f800000u;  // inf, NaN (payload kept)
-  const std::uint32_t subnormal = of(static_cast<float>(static_cast<std::int32_t>(magnitude)) * 0x1p-24f);
-  const std::uint32_t u = magnitude >= 0x7c00u ? special : magnitude < 0x400u ? subnormal : normal;
-  return static_cast<double>(to_float(u | sign));
+  const std::uint32_t shifted = magnitude << 13;  // exponent and mantissa in float's places
+  const std::uint32_t is_special = mask(as_signed(magnitude) >= 0x7c00);  // inf, NaN (payload kept)
+  const std::uint32_t is_subnormal = mask(as_signed(magnitude) < 0x400);
+  // rebias 15 → 127 (twice for inf / NaN: exponent 31 → 255)
+  const std::uint32_t normal = shifted + ((127u - 15u) << 23) + (is_special & ((127u - 15u) << 23));
+  // subnormal m·2^-24: the normal float 2^-14·(1 + m/1024), less 2^-14 (exact)
+  const std::uint32_t subnormal = of(to_float(shifted + ((127u - 14u) << 23)) - 0x1p-14f);
+  return static_cast<double>(to_float(((subnormal & is_subnormal) | (normal & ~is_subnormal)) | sign));
 }
 
 /**
- * @brief @p d rounded to float *to odd*: the truncation, with its last bit set when inexact.
- *        Rounding that float once more to nearest even at 2+ bits fewer (bfloat16: 8, half: 11
- *        bits) gives exactly the nearest-even rounding of @p d: one rounding, as if directly.
+ * @brief @p d rounded *to odd* at @p Kept significant bits: its significand truncated to them,
+ *        the last one set when a dropped bit was set. Rounding that once more to nearest even at
+ *        2+ bits fewer gives exactly the nearest-even rounding of @p d: one rounding, as if
+ *        directly. Integer operations on the bits only (a NaN stays NaN, ±inf stays ±inf).
  */
-inline std::uint32_t round_to_odd_float_bits(double d) {
-  const float f = static_cast<float>(d);  // nearest even: the truncation or the next float out
-  const std::uint32_t u = of(f);
-  const bool inexact = static_cast<double>(f) != d && d == d;  // NaN: not a rounding
-  const bool away = (static_cast<double>(f) < 0 ? -static_cast<double>(f) : static_cast<double>(f)) >
-                    (d < 0 ? -d : d);
-  const std::uint32_t odd = away ? u - 1 : u + 1;  // the other neighbour: the one with bit 0 set
-  return inexact && (u & 1u) == 0 ? odd : u;
+template <int Kept>
+BN_CONVERT_INLINE double round_to_odd(double d) {
+  static_assert(Kept >= 2 && Kept <= 52, "significant bits of the result");
+  constexpr std::uint64_t dropped = (std::uint64_t{1} << (53 - Kept)) - 1;
+  const std::uint64_t u = of(d);
+  // (u & dropped) + dropped carries into the last kept bit exactly when a dropped bit is set
+  return to_double((u | ((u & dropped) + dropped)) & ~dropped);
 }
 
 /// double → bfloat16 bits, one rounding to nearest even; NaN → 0x7fff with the sign of @p d.
-inline std::uint16_t double_to_bfloat16(double d) {
-  const std::uint32_t u = round_to_odd_float_bits(d);
+BN_CONVERT_INLINE std::uint16_t double_to_bfloat16(double d) {
+  // 10 significant bits (bfloat16's 8 + 2): the float conversion is exact down to 2^-140, and
+  // anything smaller is below half the least bfloat16 subnormal whatever the float rounds it to.
+  const std::uint32_t u = of(static_cast<float>(round_to_odd<10>(d)));
   const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return static_cast<std::uint16_t>(nan ? ((u >> 16) & 0x8000u) | 0x7fffu : rounded);
+  const std::uint32_t nan = mask(as_signed(u & 0x7fffffffu) > 0x7f800000);
+  return static_cast<std::uint16_t>((((u >> 16) | 0x7fffu) & nan) | (rounded & ~nan));
 }
 
 /// double → IEEE binary16 bits, one rounding to nearest even; beyond 65504 (after rounding)
 /// ±inf; NaN → 0x7fff with the sign of @p d.
-inline std::uint16_t double_to_half(double d) {
-  const std::uint32_t u = round_to_odd_float_bits(d);
+BN_CONVERT_INLINE std::uint16_t double_to_half(double d) {
+  // 13 significant bits (half's 11 + 2): the float conversion is exact down to 2^-137, far below
+  // half's least subnormal 2^-24.
+  const std::uint32_t u = of(static_cast<float>(round_to_odd<13>(d)));
   const std::uint32_t sign = (u >> 16) & 0x8000u;
   const std::uint32_t a = u & 0x7fffffffu;
   // normal half: rebias the exponent, round the 13 dropped bits to nearest even
@@ -81,8 +122,11 @@ inline std::uint16_t double_to_half(double d) {
   // nearest even at 2^-24, the half subnormal step), then take the low bits
   const std::uint32_t magic = 126u << 23;
   const std::uint32_t subnormal = of(to_float(a) + to_float(magic)) - magic;
-  const std::uint32_t finite = a < (113u << 23) ? subnormal : normal;
-  const std::uint32_t r = a > 0x7f800000u ? 0x7fffu : a >= ((127u + 16u) << 23) ? 0x7c00u : finite;
+  const std::uint32_t is_subnormal = mask(as_signed(a) < as_signed(113u << 23));
+  const std::uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  const std::uint32_t is_nan = mask(as_signed(a) > 0x7f800000);
+  const std::uint32_t is_inf = mask(as_signed(a) >= as_signed((127u + 16u) << 23)) & ~is_nan;
+  const std::uint32_t r = (0x7fffu & is_nan) | (0x7c00u & is_inf) | (finite & ~(is_nan | is_inf));
   return static_cast<std::uint16_t>(r | sign);
 }
 

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "../convert.hpp"
 #include "../moments.hpp"
@@ -60,14 +59,17 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
   const std::int64_t features = feature_count(shape, c.mode);
   if (shape.numel() == 0) return;  // PyTorch: empty output, running stats untouched
 
-  // Everything is allocated before the first write, so that std::bad_alloc cannot leave
-  // running statistics updated and y unwritten.
-  std::vector<double> mean(static_cast<std::size_t>(features));
-  std::vector<double> var(static_cast<std::size_t>(features));  // biased (used to normalize)
-  std::vector<detail::Affine<double>> affine(static_cast<std::size_t>(features));
-  const bool fused = c.batch_statistics && detail::cpu_impl::fusable<T>(shape, c.mode);
+  // All scratch is taken before the first write (the loops take theirs below: the partial results
+  // and lane arrays, sized here first), so that std::bad_alloc cannot leave running statistics
+  // updated and y unwritten.
+  namespace ci = detail::cpu_impl;
+  double* mean = ci::scratch<double>(ci::Scratch::feature_a, features);
+  double* var = ci::scratch<double>(ci::Scratch::feature_b, features);  // biased (used to normalize)
+  auto* affine = ci::scratch<detail::Affine<double>>(ci::Scratch::feature_c, features);
+  double* m2 = ci::scratch<double>(ci::Scratch::feature_d, features);
+  ci::reserve_scratch<T>(shape, c.mode);
+  const bool fused = c.batch_statistics && ci::fusable<T>(shape, c.mode);
   if (c.batch_statistics) {
-    std::vector<double> m2(static_cast<std::size_t>(features));
     const std::int64_t n = reduction_count(shape, c.mode);
     if (fused) {
       // Statistics and normalization per channel while it is in cache. The affine map is the
@@ -78,13 +80,11 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
                                         value_or(a.bias, f, 0.0));
       };
       detail::cpu_impl::fused_forward_planes(detail::cpu_impl::geometry(shape, c.mode), a.x, a.residual,
-                                             c.activation == Activation::relu, mean.data(), m2.data(), make_affine,
-                                             a.y);
+                                             c.activation == Activation::relu, mean, m2, make_affine, a.y);
     } else {
-      detail::cpu_impl::shard_moments(shape, c.mode, a.x, mean.data(), m2.data());
+      detail::cpu_impl::shard_moments(shape, c.mode, a.x, mean, m2);
     }
-    detail::cpu_impl::finalize_batch_statistics(features, n, mean.data(), m2.data(),
-                                                var.data(), a.running_mean, a.running_var,
+    detail::cpu_impl::finalize_batch_statistics(features, n, mean, m2, var, a.running_mean, a.running_var,
                                                 c.exponential_average_factor, c.skip_nonfinite_updates,
                                                 a.skipped_updates);
   } else {
@@ -100,7 +100,7 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
     if (a.save_invstd.data) a.save_invstd[f] = static_cast<P>(invstd);
     affine[f] = detail::normalize_affine(mean[f], invstd, value_or(a.weight, f, 1.0), value_or(a.bias, f, 0.0));
   }
-  if (!fused) detail::cpu_impl::normalize_elements(shape, c.mode, a.x, a.residual, c.activation, affine.data(), a.y);
+  if (!fused) detail::cpu_impl::normalize_elements(shape, c.mode, a.x, a.residual, c.activation, affine, a.y);
 }
 
 template <class T>
@@ -117,19 +117,31 @@ void backward(cpu, const Shape& shape, const BackwardArgs<T>& a, const BackwardC
     return;
   }
 
-  std::vector<double> mean(static_cast<std::size_t>(features));
+  namespace ci = detail::cpu_impl;
+  double* mean = ci::scratch<double>(ci::Scratch::feature_a, features);
+  auto* sums = ci::scratch<detail::BackwardSums<double>>(ci::Scratch::feature_b, features);
+  auto* k = ci::scratch<detail::BackwardCoefficients<double>>(ci::Scratch::feature_c, features);
+  ci::reserve_scratch<T>(shape, c.mode);
   for (std::int64_t f = 0; f < features; ++f) mean[f] = static_cast<double>(a.mean[f]);
-  std::vector<detail::BackwardSums<double>> sums(static_cast<std::size_t>(features));
-  detail::cpu_impl::gradient_sums_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, mean.data(), sums.data());
-  std::vector<detail::BackwardCoefficients<double>> k(static_cast<std::size_t>(features));
-  for (std::int64_t f = 0; f < features; ++f) {
-    k[f] = detail::backward_coefficients(sums[f], static_cast<double>(a.invstd[f]), value_or(a.weight, f, 1.0), n,
-                                         c.batch_statistics);
-    detail::store_gradient(a.grad_weight.data ? a.grad_weight.data + f : nullptr, k[f].grad_weight, c.accumulate);
-    detail::store_gradient(a.grad_bias.data ? a.grad_bias.data + f : nullptr, k[f].grad_bias, c.accumulate);
+  // Feature f's coefficients, and its weight and bias gradients stored.
+  auto coefficients = [&](std::int64_t f, const detail::BackwardSums<double>& s) {
+    const auto kf = detail::backward_coefficients(s, static_cast<double>(a.invstd[f]), value_or(a.weight, f, 1.0), n,
+                                                  c.batch_statistics);
+    detail::store_gradient(a.grad_weight.data ? a.grad_weight.data + f : nullptr, kf.grad_weight, c.accumulate);
+    detail::store_gradient(a.grad_bias.data ? a.grad_bias.data + f : nullptr, kf.grad_bias, c.accumulate);
+    return kf;
+  };
+  if (ci::backward_fusable<T>(shape, c.mode, c.activation)) {
+    // Sums, coefficients and input gradient per channel while it is in cache (the same bits).
+    ci::fused_backward_planes(ci::geometry(shape, c.mode), a.x, a.dy, a.y, c.activation, mean, c.batch_statistics,
+                              coefficients, a.dx, a.dresidual);
+    return;
   }
-  detail::cpu_impl::input_gradient_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, mean.data(), k.data(),
-                                            c.batch_statistics, a.dx, a.dresidual);
+  std::fill(sums, sums + features, detail::BackwardSums<double>{});
+  ci::gradient_sums_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, mean, sums);
+  for (std::int64_t f = 0; f < features; ++f) k[f] = coefficients(f, sums[f]);
+  ci::input_gradient_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, mean, k, c.batch_statistics, a.dx,
+                              a.dresidual);
 }
 
 }  // namespace batchnorm

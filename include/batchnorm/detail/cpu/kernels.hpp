@@ -10,28 +10,39 @@
  *            per-activation channels-last); loops run across the row, so they vectorize across
  *            features.
  *
- * Speed comes from independent accumulators: every reduction keeps L lanes (8 for a plane, the
- * row's positions, replicated to at least 64 for narrow rows) added in a fixed order at the end,
- * so no add waits for the previous one and the compiler vectorizes the lane loop. Inner loops
- * have no branches: relu, residual, null outputs are template parameters.
+ * Speed comes from keeping every loop busy on arithmetic rather than waiting:
+ *  - independent accumulators: a plane reduction keeps 32 lanes (16 for the three gradient
+ *    sums), added pairwise in a fixed order at the end, so no add waits for the previous one;
+ *  - the rows loops handle four rows at once (rows_at_once): a lane's center, coefficients and
+ *    accumulators are loaded once per four rows, which is what bounded them;
+ *  - fusion per NCHW channel while it is in L2: training forward (statistics, then normalize)
+ *    and backward (gradient sums, then input gradient) read their inputs from memory once;
+ *  - inner loops without branches (relu, residual, null outputs are template parameters),
+ *    compiled for the widest instruction set available (see run_vectorized);
+ *  - no allocation in a steady state (scratch()).
  *
  * Determinism: a reduction is split into tasks and chunks whose bounds depend only on the shape
  * and the element size, never on the thread count; each task's partial result has its own slot,
  * and the slots are combined in task order. So the same input gives the same bits for any number
  * of OpenMP threads (and without OpenMP). Threads only decide who computes which slot.
  *
- * Accuracy: statistics stay in double, two passes per chunk of <= chunk_elements values while
- * it is in cache (mean of x − pivot, pivot = the chunk's first value, then M2 about that mean),
- * chunks merged by Chan's formula (detail::merge). A constant feature gives mean = the value and
+ * Accuracy: statistics stay in double, two passes per chunk (chunk_elements values of a plane,
+ * row_chunk_elements of a rows block) while it is in cache (mean of x − pivot, pivot = the
+ * chunk's first value, then M2 about that mean), chunks merged by Chan's formula (detail::merge). A constant feature gives mean = the value and
  * M2 = 0 exactly (every term is 0 and every merge adds 0).
  */
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
+#include <string>
 #include <type_traits>
-#include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -47,8 +58,11 @@ namespace batchnorm::detail::cpu_impl {
 
 // ---- tuning constants (shape-independent; changing one changes results in the last bits) ----
 
-/// Values per statistics chunk: both passes over it run while it is in L1/L2.
+/// Values per statistics chunk of a plane: both passes over it run while it is in L1/L2.
 inline constexpr std::int64_t chunk_elements = 8192;
+/// Values per statistics chunk of a rows block: both passes run while it is in L2. Larger than
+/// a plane's chunk because each chunk ends in one merge per position of the block.
+inline constexpr std::int64_t row_chunk_elements = 32768;
 /// Values per reduction task (the unit of work of a thread, one partial result each).
 inline constexpr std::int64_t task_elements = 65536;
 /// A channel plane set of at most this many bytes is one task: forward then normalizes it right
@@ -58,18 +72,32 @@ inline constexpr std::int64_t fused_channel_bytes = 512 * 1024;
 inline constexpr std::int64_t max_block_width = 512;
 /// Narrow rows are processed in groups of rows giving at least this many lanes.
 inline constexpr std::int64_t min_lanes = 64;
-/// Lanes of a plane reduction.
-inline constexpr std::int64_t plane_lanes = 8;
+/// Lanes of a plane's statistics: independent add chains (4 AVX-512 / 8 AVX2 vectors of
+/// doubles) so that the adds' latency is hidden.
+inline constexpr std::int64_t plane_lanes = 32;
+/// Lanes of a plane's gradient sums (three sums per lane: 12 AVX2 registers).
+inline constexpr std::int64_t plane_gradient_lanes = 16;
+/// Rows the rows-layout loops handle together: each lane's center, coefficients and
+/// accumulators are loaded once for this many rows (those loops are bound by loads, not by
+/// arithmetic; a lane's terms of these rows are added pairwise, then to the lane).
+inline constexpr std::int64_t rows_at_once = 4;
+/// Values a thread takes at once from a parallel loop's tasks (a run of small tasks).
+inline constexpr std::int64_t grab_values = 32768;
 /// Below this many values a call stays on the calling thread (starting threads costs more).
 inline constexpr std::int64_t parallel_threshold = 32768;
 
-// ---- threads ----
-
 // ---- instruction set ----
 // The library is headers compiled with the consumer's flags, often the x86-64 baseline (SSE2:
-// two doubles per vector). Where the compiler allows it, each loop is also compiled for AVX2
-// (target attribute, everything inlined into it by flatten) and chosen at run time. Without FMA:
-// no contraction, so both versions round every operation the same way and give the same bits.
+// two doubles per vector). Where the compiler allows it, each loop is also compiled for AVX2 and
+// for AVX-512 (target attribute, everything inlined into it by flatten) and the widest the
+// processor has is chosen at run time. Never with FMA contraction (AVX2 without the fma target;
+// AVX-512, whose F subset includes FMA, with fp-contract=off): every version rounds every
+// operation the same way, and the lane structure of the loops is explicit (not the vector
+// width), so all versions give the same bits (tested: cpu_paths_test, SameBitsForEveryIsa).
+
+/// The instruction sets a loop can be compiled for, in increasing width.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__AVX2__) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER) && !defined(BATCHNORM_NO_DISPATCH)
 #define BATCHNORM_CPU_DISPATCH 1
@@ -77,20 +105,62 @@ template <class F>
 __attribute__((target("avx2"), flatten)) void run_avx2(F& f) {
   f();
 }
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// GCC only: clang ignores the optimize attribute and would contract a·b + c into an FMA.
+#if !defined(__clang__)
+#define BATCHNORM_CPU_DISPATCH_AVX512 1
+template <class F>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off"), flatten)) void
+run_avx512(F& f) {
+  f();
 }
 #endif
+#endif
 
-/// f(), compiled for the best instruction set the processor has (see above).
+/// The widest instruction set this processor and this build can use.
+inline Isa best_isa() {
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return Isa::avx512;
+#endif
+#if defined(BATCHNORM_CPU_DISPATCH)
+  if (__builtin_cpu_supports("avx2")) return Isa::avx2;
+#endif
+  return Isa::baseline;
+}
+
+/**
+ * @brief The instruction set the loops use: the widest available, capped by the environment
+ *        variable BATCHNORM_CPU_ISA (`baseline`, `avx2`, `avx512`; read once) or by assigning
+ *        this value (tests compare the versions). Results are the same bits for every value.
+ */
+inline std::atomic<int>& isa_in_use() {
+  static std::atomic<int> isa{[] {
+    int best = static_cast<int>(best_isa());
+    if (const char* cap = std::getenv("BATCHNORM_CPU_ISA")) {
+      const std::string c(cap);
+      const int limit = c == "baseline" ? 0 : c == "avx2" ? 1 : c == "avx512" ? 2 : best;
+      best = std::min(best, limit);
+    }
+    return best;
+  }()};
+  return isa;
+}
+
+/// f(), compiled for the instruction set in use (see above).
 template <class F>
 void run_vectorized(F&& f) {
 #if defined(BATCHNORM_CPU_DISPATCH)
-  if (cpu_has_avx2()) return run_avx2(f);
+  const int isa = isa_in_use().load(std::memory_order_relaxed);
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (isa >= static_cast<int>(Isa::avx512)) return run_avx512(f);
+#endif
+  if (isa >= static_cast<int>(Isa::avx2)) return run_avx2(f);
 #endif
   f();
 }
+
+// ---- threads ----
 
 /**
  * @brief body(i) for i in [0, count), on the caller's OpenMP threads (OMP_NUM_THREADS /
@@ -102,7 +172,10 @@ template <class Body>
 void parallel_for(std::int64_t count, std::int64_t values, Body&& body) {
 #if defined(_OPENMP)
   if (count > 1 && values >= parallel_threshold && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(dynamic, 1)
+    // Threads take tasks in runs of about grab_values values: one plane of a (8, 2048, 7, 7)
+    // tensor is 49 values, and taking those one by one costs more than computing them.
+    const std::int64_t grab = std::max<std::int64_t>(1, grab_values * count / values);
+#pragma omp parallel for schedule(dynamic, grab)
     for (std::int64_t i = 0; i < count; ++i) run_vectorized([&] { body(i); });
     return;
   }
@@ -110,6 +183,50 @@ void parallel_for(std::int64_t count, std::int64_t values, Body&& body) {
   (void)values;
 #endif
   for (std::int64_t i = 0; i < count; ++i) run_vectorized([&] { body(i); });
+}
+
+// ---- scratch memory ----
+
+/// The roles of scratch memory; within one operation no role is in use twice.
+enum class Scratch : int {
+  feature_a, feature_b, feature_c, feature_d,  ///< per-feature arrays of forward / backward
+  partial,                                     ///< per-task partial results of a reduction
+  lanes,                                       ///< per-lane coefficient arrays of an elementwise pass
+  roles
+};
+
+/// One thread's scratch buffer of one role.
+struct ScratchBuffer {
+  std::unique_ptr<std::max_align_t[]> data;
+  std::size_t bytes = 0;
+};
+
+inline ScratchBuffer& scratch_buffer(Scratch role) {
+  thread_local ScratchBuffer buffers[static_cast<int>(Scratch::roles)];
+  return buffers[static_cast<int>(role)];
+}
+
+/**
+ * @brief Memory for @p n values of @p E in role @p role, kept by the calling thread and reused by
+ *        its later calls (grown, never shrunk). Why: a fresh allocation of a few hundred KiB is
+ *        an mmap whose pages fault in on first touch, and on (N, C) shapes that cost more than the
+ *        arithmetic; so in a steady state the CPU backend allocates nothing. Contents are
+ *        undefined. Only the calling thread (outside parallel regions) takes scratch; the loops
+ *        share its pointer.
+ * @throws std::bad_alloc: every operation takes its scratch before its first write.
+ */
+template <class E>
+E* scratch(Scratch role, std::int64_t n) {
+  static_assert(std::is_trivially_copyable_v<E> && std::is_trivially_destructible_v<E> &&
+                alignof(E) <= alignof(std::max_align_t));
+  ScratchBuffer& b = scratch_buffer(role);
+  const std::size_t bytes = static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(E);
+  if (bytes > b.bytes) {
+    const std::size_t units = (bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
+    b.data.reset(new std::max_align_t[units]);  // old buffer kept if this throws
+    b.bytes = units * sizeof(std::max_align_t);
+  }
+  return std::launder(reinterpret_cast<E*>(b.data.get()));
 }
 
 /// f(std::true_type{}) or f(std::false_type{}): lifts a runtime flag out of an inner loop.
@@ -195,39 +312,21 @@ struct RowTiling {
   [[nodiscard]] std::int64_t lanes(std::int64_t width) const { return group * width; }
 };
 
-// ---- lane loops: acc[j] += f(x[i]), j = i mod L; coefficient per lane (PerLane) or one ----
+// ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
 
-template <bool PerLane>
-inline double lane_value(const double* a, std::int64_t j) {
-  return PerLane ? a[j] : a[0];
-}
-
-/// acc[i mod L] += x[i] − center, over @p length values (lanes restart at x).
-template <bool PerLane, class T>
-void add_deviations(const T* __restrict x, std::int64_t length, std::int64_t L, const double* __restrict center,
-                    double* __restrict acc) {
+/// acc[i mod Lanes] += x[i] − center (or its square), over @p length values (lanes restart at x).
+template <bool Square, std::int64_t Lanes, class T>
+void add_plane_deviations(const T* __restrict x, std::int64_t length, double center, double* __restrict acc) {
   using conv = convert<T>;
+  auto term = [center](double v) {
+    const double d = v - center;
+    if constexpr (Square) return d * d;
+    else return d;
+  };
   std::int64_t i = 0;
-  for (; i + L <= length; i += L)
-    for (std::int64_t j = 0; j < L; ++j) acc[j] += conv::to_double(x[i + j]) - lane_value<PerLane>(center, j);
-  for (std::int64_t j = 0; i + j < length; ++j) acc[j] += conv::to_double(x[i + j]) - lane_value<PerLane>(center, j);
-}
-
-/// acc[i mod L] += (x[i] − center)².
-template <bool PerLane, class T>
-void add_squared_deviations(const T* __restrict x, std::int64_t length, std::int64_t L,
-                            const double* __restrict center, double* __restrict acc) {
-  using conv = convert<T>;
-  std::int64_t i = 0;
-  for (; i + L <= length; i += L)
-    for (std::int64_t j = 0; j < L; ++j) {
-      const double d = conv::to_double(x[i + j]) - lane_value<PerLane>(center, j);
-      acc[j] += d * d;
-    }
-  for (std::int64_t j = 0; i + j < length; ++j) {
-    const double d = conv::to_double(x[i + j]) - lane_value<PerLane>(center, j);
-    acc[j] += d * d;
-  }
+  for (; i + Lanes <= length; i += Lanes)
+    for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += term(conv::to_double(x[i + j]));
+  for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
 }
 
 /// Gradient flowing into the normalization: dy, masked where a fused relu was inactive (y <= 0).
@@ -238,32 +337,148 @@ inline double upstream(const T* dy, const T* y, std::int64_t i) {
   else return g;
 }
 
-/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) (g the upstream gradient).
-template <bool PerLane, bool Relu, class T>
-void add_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y, std::int64_t length,
-                       std::int64_t L, const double* __restrict mean, double* __restrict s_dy,
-                       double* __restrict s_dy_xmu, double* __restrict s_xmu) {
+/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) (g the upstream gradient), one mean.
+template <bool Relu, std::int64_t Lanes, class T>
+void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
+                             std::int64_t length, double mean, double* __restrict s_dy, double* __restrict s_dy_xmu,
+                             double* __restrict s_xmu) {
   using conv = convert<T>;
-  std::int64_t i = 0;
-  auto step = [&](std::int64_t j) {
-    const double g = upstream<Relu>(dy, y, i + j);
-    const double xmu = conv::to_double(x[i + j]) - lane_value<PerLane>(mean, j);
+  auto step = [&](std::int64_t i, std::int64_t j) {
+    const double g = upstream<Relu>(dy, y, i);
+    const double xmu = conv::to_double(x[i]) - mean;
     s_dy[j] += g;
     s_dy_xmu[j] += g * xmu;
     s_xmu[j] += xmu;
   };
-  for (; i + L <= length; i += L)
-    for (std::int64_t j = 0; j < L; ++j) step(j);
-  for (std::int64_t j = 0; i + j < length; ++j) step(j);
+  std::int64_t i = 0;
+  for (; i + Lanes <= length; i += Lanes)
+    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
+  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
 }
 
-/// Sum of @p count lanes in a fixed order (pairwise for the 8 lanes of a plane).
+/// Sum of the @p Lanes lanes of a plane reduction, pairwise in a fixed order.
+template <std::int64_t Lanes>
 inline double sum_plane_lanes(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  if constexpr (Lanes == 1) return acc[0];
+  else return sum_plane_lanes<Lanes / 2>(acc) + sum_plane_lanes<Lanes / 2>(acc + Lanes / 2);
 }
 
 /// A pivot must be finite: a non-finite one would turn every term into NaN.
 inline double finite_or_zero(double v) { return std::isfinite(v) ? v : 0.0; }
+
+// ---- rows loops: `rows` rows of `width` lanes, row r at r·stride; lane j is position j ----
+
+/// Splits @p rows contiguous rows of @p W values into lane rows: groups of @p group rows as one
+/// row of group·W lanes (narrow rows, see RowTiling), then the rows left over as rows of W lanes.
+/// Calls f(first_row, row_count, lane_width).
+template <class F>
+void for_lane_rows(std::int64_t rows, std::int64_t W, std::int64_t group, F&& f) {
+  const std::int64_t grouped = rows / group;
+  if (grouped > 0) f(std::int64_t{0}, grouped, group * W);
+  if (rows % group != 0) f(grouped * group, rows % group, W);
+}
+
+/// acc[j] += Σ_r (x[r][j] − center[j]) (or its square).
+template <bool Square, class T>
+void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
+                        const double* __restrict center, double* __restrict acc) {
+  using conv = convert<T>;
+  auto term = [](double v, double c) {
+    const double d = v - c;
+    if constexpr (Square) return d * d;
+    else return d;
+  };
+  std::int64_t r = 0;
+  for (; r + rows_at_once <= rows; r += rows_at_once) {
+    const T* __restrict x0 = x + r * stride;
+    const T* __restrict x1 = x0 + stride;
+    const T* __restrict x2 = x1 + stride;
+    const T* __restrict x3 = x2 + stride;
+    for (std::int64_t j = 0; j < width; ++j) {
+      const double c = center[j];
+      acc[j] += (term(conv::to_double(x0[j]), c) + term(conv::to_double(x1[j]), c)) +
+                (term(conv::to_double(x2[j]), c) + term(conv::to_double(x3[j]), c));
+    }
+  }
+  for (; r < rows; ++r)
+    for (std::int64_t j = 0; j < width; ++j) acc[j] += term(conv::to_double(x[r * stride + j]), center[j]);
+}
+
+/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) over rows (g the upstream gradient).
+template <bool Relu, class T>
+void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y, std::int64_t rows,
+                           std::int64_t width, std::int64_t stride, const double* __restrict mean,
+                           double* __restrict s_dy, double* __restrict s_dy_xmu, double* __restrict s_xmu) {
+  using conv = convert<T>;
+  static_assert(rows_at_once == 4, "the loop below is written out for four rows");
+  std::int64_t r = 0;
+  for (; r + rows_at_once <= rows; r += rows_at_once) {
+    const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
+    for (std::int64_t j = 0; j < width; ++j) {
+      const double m = mean[j];
+      const double g0 = upstream<Relu>(dy, y, o0 + j), g1 = upstream<Relu>(dy, y, o1 + j);
+      const double g2 = upstream<Relu>(dy, y, o2 + j), g3 = upstream<Relu>(dy, y, o3 + j);
+      const double d0 = conv::to_double(x[o0 + j]) - m, d1 = conv::to_double(x[o1 + j]) - m;
+      const double d2 = conv::to_double(x[o2 + j]) - m, d3 = conv::to_double(x[o3 + j]) - m;
+      s_dy[j] += (g0 + g1) + (g2 + g3);
+      s_dy_xmu[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3);
+      s_xmu[j] += (d0 + d1) + (d2 + d3);
+    }
+  }
+  for (; r < rows; ++r)
+    for (std::int64_t j = 0; j < width; ++j) {
+      const std::int64_t i = r * stride + j;
+      const double g = upstream<Relu>(dy, y, i);
+      const double xmu = conv::to_double(x[i]) - mean[j];
+      s_dy[j] += g;
+      s_dy_xmu[j] += g * xmu;
+      s_xmu[j] += xmu;
+    }
+}
+
+/// y[i] = act((x[i] − mean)·scale + bias [+ residual[i]]).
+template <bool Residual, bool Relu, class T>
+inline void normalize_at(const T* x, const T* residual, T* y, std::int64_t i, double mean, double scale, double bias) {
+  using conv = convert<T>;
+  double v = (conv::to_double(x[i]) - mean) * scale + bias;
+  if constexpr (Residual) v += conv::to_double(residual[i]);
+  if constexpr (Relu) v = relu(v);
+  y[i] = conv::from_double(v);
+}
+
+/// The four-row loop of normalize_rows for distinct buffers; returns the rows it did.
+template <bool Residual, bool Relu, class T>
+std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict residual, T* __restrict y,
+                                     std::int64_t rows, std::int64_t width, std::int64_t stride,
+                                     const double* __restrict mean, const double* __restrict scale,
+                                     const double* __restrict bias) {
+  static_assert(rows_at_once == 4, "the loop below is written out for four rows");
+  std::int64_t r = 0;
+  for (; r + rows_at_once <= rows; r += rows_at_once) {
+    const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
+    for (std::int64_t j = 0; j < width; ++j) {
+      const double m = mean[j], sc = scale[j], b = bias[j];
+      normalize_at<Residual, Relu>(x, residual, y, o0 + j, m, sc, b);
+      normalize_at<Residual, Relu>(x, residual, y, o1 + j, m, sc, b);
+      normalize_at<Residual, Relu>(x, residual, y, o2 + j, m, sc, b);
+      normalize_at<Residual, Relu>(x, residual, y, o3 + j, m, sc, b);
+    }
+  }
+  return r;
+}
+
+/// y = act((x − mean)·scale + bias [+ residual]) over rows, coefficients per lane. y may be x or
+/// residual (in place: then one row at a time, each element read before it is written).
+template <bool Residual, bool Relu, class T>
+void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std::int64_t width, std::int64_t stride,
+                    const double* mean, const double* scale, const double* bias) {
+  std::int64_t r = 0;
+  if (y != x && (!Residual || y != residual))
+    r = normalize_rows_distinct<Residual, Relu>(x, residual, y, rows, width, stride, mean, scale, bias);
+  for (; r < rows; ++r)
+    for (std::int64_t j = 0; j < width; ++j)
+      normalize_at<Residual, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
+}
 
 // ---- statistics ----
 
@@ -278,17 +493,42 @@ Welford<double> plane_range_moments(const Geometry& g, const T* x, std::int64_t 
   for (std::int64_t b = begin; b < end; b += chunk_elements) {
     const std::int64_t e = std::min(end, b + chunk_elements);
     const double pivot = finite_or_zero(conv::to_double(channel[(b / g.S) * plane_stride + b % g.S]));
-    alignas(64) double acc[plane_lanes] = {};
-    for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-      add_deviations<false>(channel + n * plane_stride + s, length, plane_lanes, &pivot, acc);
-    });
     const auto m = e - b;
-    const double mean = pivot + sum_plane_lanes(acc) / static_cast<double>(m);
-    std::fill(acc, acc + plane_lanes, 0.0);
-    for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-      add_squared_deviations<false>(channel + n * plane_stride + s, length, plane_lanes, &mean, acc);
-    });
-    total = merge(total, Welford<double>{mean, sum_plane_lanes(acc), m});
+    double mean = 0.0;
+    alignas(64) double acc[plane_lanes] = {};
+    if constexpr (sizeof(T) == 2) {
+      // Half types: widen the chunk once (exact) and run both passes over the doubles, in the same
+      // runs (lanes restart at each run) and order as below, so the same bits; the passes then use
+      // full-width vectors instead of converting every value twice.
+      alignas(64) double wide[chunk_elements];
+      std::int64_t k = 0;
+      for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+        const T* p = channel + n * plane_stride + s;
+        for (std::int64_t i = 0; i < length; ++i) wide[k + i] = conv::to_double(p[i]);
+        k += length;
+      });
+      auto pass = [&](auto square, double center) {
+        std::int64_t o = 0;
+        for_each_run(b, e, g.S, [&](std::int64_t, std::int64_t, std::int64_t length) {
+          add_plane_deviations<decltype(square)::value, plane_lanes>(wide + o, length, center, acc);
+          o += length;
+        });
+      };
+      pass(std::false_type{}, pivot);
+      mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
+      std::fill(acc, acc + plane_lanes, 0.0);
+      pass(std::true_type{}, mean);
+    } else {
+      for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+        add_plane_deviations<false, plane_lanes>(channel + n * plane_stride + s, length, pivot, acc);
+      });
+      mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
+      std::fill(acc, acc + plane_lanes, 0.0);
+      for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+        add_plane_deviations<true, plane_lanes>(channel + n * plane_stride + s, length, mean, acc);
+      });
+    }
+    total = merge(total, Welford<double>{mean, sum_plane_lanes<plane_lanes>(acc), m});
   }
   return total;
 }
@@ -302,18 +542,22 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
   const std::int64_t L = t.lanes(width);
   alignas(64) double center[max_block_width];  // group·width <= max(2·min_lanes, max_block_width)
   alignas(64) double acc[max_block_width];
-  const std::int64_t chunk_rows = std::max<std::int64_t>(t.group, chunk_elements / width);
-  auto pass = [&](std::int64_t a, std::int64_t b, auto add) {
+  const std::int64_t chunk_rows = std::max<std::int64_t>(t.group, row_chunk_elements / width);
+  auto pass = [&](std::int64_t a, std::int64_t b, auto square) {
+    constexpr bool Square = decltype(square)::value;
     std::fill(acc, acc + L, 0.0);
-    if (t.group > 1) add(x + a * W, (b - a) * W);  // width == W: the rows are contiguous
+    if (t.group > 1)  // width == W: the rows are contiguous
+      for_lane_rows(b - a, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
+        add_row_deviations<Square>(x + (a + first) * W, count, lanes, lanes, center, acc);
+      });
     else
-      for (std::int64_t r = a; r < b; ++r) add(x + r * W + c0, width);
+      add_row_deviations<Square>(x + a * W + c0, b - a, width, W, center, acc);
   };
   for (std::int64_t a = r0; a < r1; a += chunk_rows) {
     const std::int64_t b = std::min(r1, a + chunk_rows);
     for (std::int64_t j = 0; j < width; ++j) center[j] = finite_or_zero(conv::to_double(x[a * W + c0 + j]));
     for (std::int64_t j = width; j < L; ++j) center[j] = center[j % width];
-    pass(a, b, [&](const T* p, std::int64_t length) { add_deviations<true>(p, length, L, center, acc); });
+    pass(a, b, std::false_type{});
     const double m = static_cast<double>(b - a);
     for (std::int64_t j = 0; j < width; ++j) {
       double s = acc[j];
@@ -321,13 +565,29 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
       center[j] = center[j] + s / m;
     }
     for (std::int64_t j = width; j < L; ++j) center[j] = center[j % width];
-    pass(a, b, [&](const T* p, std::int64_t length) { add_squared_deviations<true>(p, length, L, center, acc); });
+    pass(a, b, std::true_type{});
     for (std::int64_t j = 0; j < width; ++j) {
       double s = acc[j];
       for (std::int64_t k = 1; k < t.group; ++k) s += acc[k * width + j];
       out[j] = merge(out[j], Welford<double>{center[j], s, b - a});
     }
   }
+}
+
+/**
+ * @brief Takes, ahead of an operation's first write, the largest scratch its loops will take
+ *        (partial results, lane arrays), so that none of them can throw std::bad_alloc later.
+ */
+template <class T>
+void reserve_scratch(const Shape& shape, Mode mode) {
+  const Geometry g = geometry(shape, mode);
+  if (g.planes) {
+    scratch<Welford<double>>(Scratch::partial, g.C * plane_tasks(g.N * g.S, sizeof(T)));
+    return;
+  }
+  const RowTiling t(g.rows, g.width);
+  scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
+  scratch<double>(Scratch::lanes, 5 * t.lanes(g.width));
 }
 
 /**
@@ -346,7 +606,7 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
     const std::int64_t per_channel = g.N * g.S;
     const std::int64_t tasks = plane_tasks(per_channel, sizeof(T));
     const std::int64_t per_task = (per_channel + tasks - 1) / tasks;
-    std::vector<Welford<double>> partial(static_cast<std::size_t>(g.C * tasks));
+    Welford<double>* partial = scratch<Welford<double>>(Scratch::partial, g.C * tasks);
     parallel_for(g.C * tasks, numel, [&](std::int64_t i) {
       const std::int64_t c = i / tasks, k = i % tasks;
       partial[i] = plane_range_moments(g, x, c, k * per_task, std::min(per_channel, (k + 1) * per_task));
@@ -360,12 +620,13 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
     return;
   }
   const RowTiling t(g.rows, g.width);
-  std::vector<Welford<double>> partial(static_cast<std::size_t>(t.row_blocks * g.width));
+  Welford<double>* partial = scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
+  std::fill(partial, partial + t.row_blocks * g.width, Welford<double>{});
   parallel_for(t.row_blocks * t.column_blocks, numel, [&](std::int64_t i) {
     const std::int64_t rb = i / t.column_blocks, cb = i % t.column_blocks;
     const std::int64_t r0 = rb * t.rows_per_block, r1 = std::min(g.rows, r0 + t.rows_per_block);
     const std::int64_t c0 = cb * t.block_width, width = std::min(g.width - c0, t.block_width);
-    row_block_moments(g, t, x, r0, r1, c0, width, partial.data() + rb * g.width + c0);
+    row_block_moments(g, t, x, r0, r1, c0, width, partial + rb * g.width + c0);
   });
   for (std::int64_t j = 0; j < g.width; ++j) {
     Welford<double> w;
@@ -378,33 +639,11 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
 
 // ---- normalize ----
 
-/// y = (x − mean)·scale + bias [+ residual] [relu] over @p length values; coefficients per lane.
-template <bool PerLane, bool Residual, bool Relu, class T>
-void normalize_run(const T* x, const T* residual, T* y, std::int64_t length, std::int64_t L,
-                   const double* __restrict mean, const double* __restrict scale, const double* __restrict bias) {
-  using conv = convert<T>;
-  auto step = [&](std::int64_t i, std::int64_t j) {
-    double v = (conv::to_double(x[i]) - lane_value<PerLane>(mean, j)) * lane_value<PerLane>(scale, j) +
-               lane_value<PerLane>(bias, j);
-    if constexpr (Residual) v += conv::to_double(residual[i]);
-    if constexpr (Relu) v = relu(v);
-    y[i] = conv::from_double(v);
-  };
-  if constexpr (!PerLane) {
-    for (std::int64_t i = 0; i < length; ++i) step(i, 0);
-  } else {
-    std::int64_t i = 0;
-    for (; i + L <= length; i += L)
-      for (std::int64_t j = 0; j < L; ++j) step(i + j, j);
-    for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
-  }
+/// y = act((x − mean)·scale + bias [+ residual]) over @p length values, one feature (x may be y).
+template <bool Residual, bool Relu, class T>
+void normalize_run(const T* x, const T* residual, T* y, std::int64_t length, double mean, double scale, double bias) {
+  for (std::int64_t i = 0; i < length; ++i) normalize_at<Residual, Relu>(x, residual, y, i, mean, scale, bias);
 }
-
-/// Per-lane coefficient arrays of a rows layout: position order, replicated to group·W lanes.
-struct LaneCoefficients {
-  std::int64_t lanes = 0;
-  std::vector<double> a, b, c, d, e;
-};
 
 /// Rows per elementwise piece (any partition gives the same bits: elementwise).
 inline std::int64_t rows_per_piece(std::int64_t W) { return std::max<std::int64_t>(1, task_elements / std::max<std::int64_t>(W, 1)); }
@@ -416,9 +655,8 @@ void normalize_plane(const Geometry& g, std::int64_t p, const T* x, const T* res
   const std::int64_t o = p * g.S;
   with_flag(residual != nullptr, [&](auto res) {
     with_flag(relu_on, [&](auto rl) {
-      normalize_run<false, decltype(res)::value, decltype(rl)::value>(x + o, residual ? residual + o : nullptr, y + o,
-                                                                       g.S, 1, &affine.mean, &affine.scale,
-                                                                       &affine.bias);
+      normalize_run<decltype(res)::value, decltype(rl)::value>(x + o, residual ? residual + o : nullptr, y + o, g.S,
+                                                                affine.mean, affine.scale, affine.bias);
     });
   });
 }
@@ -440,7 +678,9 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
   }
   const RowTiling t(g.rows, g.width);
   const std::int64_t W = g.width, L = t.lanes(W);
-  std::vector<double> mean(static_cast<std::size_t>(L)), scale(mean.size()), bias(mean.size());
+  double* mean = scratch<double>(Scratch::lanes, 3 * L);
+  double* scale = mean + L;
+  double* bias = scale + L;
   for (std::int64_t j = 0; j < L; ++j) {
     const Affine<double>& a = affine[g.feature_at(j % W)];
     mean[j] = a.mean;
@@ -453,9 +693,11 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
     with_flag(relu_on, [&](auto rl) {
       parallel_for(pieces, numel, [&](std::int64_t p) {
         const std::int64_t r0 = p * piece, r1 = std::min(g.rows, r0 + piece);
-        normalize_run<true, decltype(res)::value, decltype(rl)::value>(
-            x + r0 * W, residual ? residual + r0 * W : nullptr, y + r0 * W, (r1 - r0) * W, L, mean.data(),
-            scale.data(), bias.data());
+        for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
+          const std::int64_t o = (r0 + first) * W;
+          normalize_rows<decltype(res)::value, decltype(rl)::value>(x + o, residual ? residual + o : nullptr, y + o,
+                                                                    count, lanes, lanes, mean, scale, bias);
+        });
       });
     });
   });
@@ -488,6 +730,19 @@ bool fusable(const Shape& shape, Mode mode) {
 
 // ---- backward ----
 
+/// Σg, Σg·(x − mean), Σ(x − mean) of channel @p c's flat indices [begin, end), planes layout.
+template <bool Relu, class T>
+BackwardSums<double> plane_range_gradient_sums(const Geometry& g, const T* x, const T* dy, const T* y, std::int64_t c,
+                                               std::int64_t begin, std::int64_t end, double mean) {
+  alignas(64) double a[plane_gradient_lanes] = {}, b[plane_gradient_lanes] = {}, d[plane_gradient_lanes] = {};
+  for_each_run(begin, end, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
+    const std::int64_t o = (n * g.C + c) * g.S + s;
+    add_plane_gradient_sums<Relu, plane_gradient_lanes>(x + o, dy + o, Relu ? y + o : nullptr, length, mean, a, b, d);
+  });
+  return {sum_plane_lanes<plane_gradient_lanes>(a), sum_plane_lanes<plane_gradient_lanes>(b),
+          sum_plane_lanes<plane_gradient_lanes>(d)};
+}
+
 /// Per feature Σg, Σg·(x − mean) and Σ(x − mean), g the upstream gradient: backward's and
 /// phases::local_gradient_sums' reduction. @p sums holds F zero-initialized entries.
 template <class T>
@@ -502,17 +757,11 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
       const std::int64_t per_channel = g.N * g.S;
       const std::int64_t tasks = plane_tasks(per_channel, sizeof(T));
       const std::int64_t per_task = (per_channel + tasks - 1) / tasks;
-      std::vector<BackwardSums<double>> partial(static_cast<std::size_t>(g.C * tasks));
+      BackwardSums<double>* partial = scratch<BackwardSums<double>>(Scratch::partial, g.C * tasks);
       parallel_for(g.C * tasks, numel, [&](std::int64_t i) {
         const std::int64_t c = i / tasks, k = i % tasks;
-        alignas(64) double a[plane_lanes] = {}, b[plane_lanes] = {}, d[plane_lanes] = {};
-        for_each_run(k * per_task, std::min(per_channel, (k + 1) * per_task), g.S,
-                     [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-                       const std::int64_t o = (n * g.C + c) * g.S + s;
-                       add_gradient_sums<false, Relu>(x + o, dy + o, Relu ? y + o : nullptr, length, plane_lanes,
-                                                      mean + c, a, b, d);
-                     });
-        partial[i] = {sum_plane_lanes(a), sum_plane_lanes(b), sum_plane_lanes(d)};
+        partial[i] = plane_range_gradient_sums<Relu>(g, x, dy, y, c, k * per_task,
+                                                     std::min(per_channel, (k + 1) * per_task), mean[c]);
       });
       for (std::int64_t c = 0; c < g.C; ++c)
         for (std::int64_t k = 0; k < tasks; ++k) sums[c] = BackwardSumsAdd{}(sums[c], partial[c * tasks + k]);
@@ -520,9 +769,9 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
     }
     const RowTiling t(g.rows, g.width);
     const std::int64_t W = g.width;
-    std::vector<double> center(static_cast<std::size_t>(W));
+    double* center = scratch<double>(Scratch::lanes, W);
     for (std::int64_t j = 0; j < W; ++j) center[j] = mean[g.feature_at(j)];
-    std::vector<BackwardSums<double>> partial(static_cast<std::size_t>(t.row_blocks * W));
+    BackwardSums<double>* partial = scratch<BackwardSums<double>>(Scratch::partial, t.row_blocks * W);
     parallel_for(t.row_blocks * t.column_blocks, numel, [&](std::int64_t i) {
       const std::int64_t rb = i / t.column_blocks, cb = i % t.column_blocks;
       const std::int64_t r0 = rb * t.rows_per_block, r1 = std::min(g.rows, r0 + t.rows_per_block);
@@ -533,14 +782,14 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
       std::fill(a, a + L, 0.0);
       std::fill(b, b + L, 0.0);
       std::fill(d, d + L, 0.0);
-      if (t.group > 1) {
-        const std::int64_t o = r0 * W;
-        add_gradient_sums<true, Relu>(x + o, dy + o, Relu ? y + o : nullptr, (r1 - r0) * W, L, lane_mean, a, b, d);
+      if (t.group > 1) {  // width == W: the rows are contiguous
+        for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
+          const std::int64_t o = (r0 + first) * W;
+          add_row_gradient_sums<Relu>(x + o, dy + o, Relu ? y + o : nullptr, count, lanes, lanes, lane_mean, a, b, d);
+        });
       } else {
-        for (std::int64_t r = r0; r < r1; ++r) {
-          const std::int64_t o = r * W + c0;
-          add_gradient_sums<true, Relu>(x + o, dy + o, Relu ? y + o : nullptr, width, L, lane_mean, a, b, d);
-        }
+        const std::int64_t o = r0 * W + c0;
+        add_row_gradient_sums<Relu>(x + o, dy + o, Relu ? y + o : nullptr, r1 - r0, width, W, lane_mean, a, b, d);
       }
       for (std::int64_t j = 0; j < width; ++j) {
         BackwardSums<double> s{a[j], b[j], d[j]};
@@ -556,35 +805,90 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
   });
 }
 
-/// dresidual = g; dx = g·dy_scale + ((x − mean) − mean_shift)·xmu_scale + constant (Training) or
-/// g·dy_scale (x not read), over @p length values, coefficients per lane or one.
-template <bool PerLane, bool Relu, bool Dx, bool Dres, bool Training, class T>
-void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t length, std::int64_t L,
-                        const double* __restrict mean, const double* __restrict shift,
-                        const double* __restrict dy_scale, const double* __restrict xmu_scale,
-                        const double* __restrict constant) {
+/// The input gradient's coefficients of one feature (or lane).
+struct GradientLane {
+  double mean, shift, dy_scale, xmu_scale, constant;
+};
+
+/// Element @p i of the input gradient: dresidual = g; dx = g·dy_scale + ((x − mean) −
+/// mean_shift)·xmu_scale + constant (Training) or g·dy_scale (x not read).
+template <bool Relu, bool Dx, bool Dres, bool Training, class T>
+inline void input_gradient_at(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t i, double mean,
+                              double shift, double dy_scale, double xmu_scale, double constant) {
   using conv = convert<T>;
-  auto step = [&](std::int64_t i, std::int64_t j) {
-    const double g = upstream<Relu>(dy, y, i);
-    if constexpr (Dres) dresidual[i] = conv::from_double(g);
-    if constexpr (Dx) {
-      if constexpr (Training) {
-        const double xmu = (conv::to_double(x[i]) - lane_value<PerLane>(mean, j)) - lane_value<PerLane>(shift, j);
-        dx[i] = conv::from_double(g * lane_value<PerLane>(dy_scale, j) + xmu * lane_value<PerLane>(xmu_scale, j) +
-                                  lane_value<PerLane>(constant, j));
-      } else {
-        dx[i] = conv::from_double(g * lane_value<PerLane>(dy_scale, j));
-      }
+  const double g = upstream<Relu>(dy, y, i);
+  if constexpr (Dres) dresidual[i] = conv::from_double(g);
+  if constexpr (Dx) {
+    if constexpr (Training) {
+      const double xmu = (conv::to_double(x[i]) - mean) - shift;
+      dx[i] = conv::from_double(g * dy_scale + xmu * xmu_scale + constant);
+    } else {
+      dx[i] = conv::from_double(g * dy_scale);
     }
-  };
-  if constexpr (!PerLane) {
-    for (std::int64_t i = 0; i < length; ++i) step(i, 0);
-  } else {
-    std::int64_t i = 0;
-    for (; i + L <= length; i += L)
-      for (std::int64_t j = 0; j < L; ++j) step(i + j, j);
-    for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
   }
+}
+
+/// The input gradient over @p length values with one feature's coefficients.
+template <bool Relu, bool Dx, bool Dres, bool Training, class T>
+void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t length,
+                        const GradientLane& k) {
+  const double m = k.mean, sh = k.shift, ds = k.dy_scale, xs = k.xmu_scale, co = k.constant;
+  for (std::int64_t i = 0; i < length; ++i)
+    input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, i, m, sh, ds, xs, co);
+}
+
+/// The four-row loop of input_gradient_rows for distinct buffers; returns the rows it did.
+template <bool Relu, bool Dx, bool Dres, bool Training, class T>
+std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
+                                          T* __restrict dx, T* __restrict dresidual, std::int64_t rows,
+                                          std::int64_t width, std::int64_t stride, const double* __restrict mean,
+                                          const double* __restrict shift, const double* __restrict dy_scale,
+                                          const double* __restrict xmu_scale, const double* __restrict constant) {
+  static_assert(rows_at_once == 4, "the loop below is written out for four rows");
+  std::int64_t r = 0;
+  for (; r + rows_at_once <= rows; r += rows_at_once) {
+    const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
+    for (std::int64_t j = 0; j < width; ++j) {
+      const double m = mean[j], sh = shift[j], ds = dy_scale[j], xs = xmu_scale[j], co = constant[j];
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, o0 + j, m, sh, ds, xs, co);
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, o1 + j, m, sh, ds, xs, co);
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, o2 + j, m, sh, ds, xs, co);
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, o3 + j, m, sh, ds, xs, co);
+    }
+  }
+  return r;
+}
+
+/// The input gradient over rows, coefficients per lane (five arrays of @p width). dx may be dy
+/// or x, dresidual may be dy (in place: then one row at a time).
+template <bool Relu, bool Dx, bool Dres, bool Training, class T>
+void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t rows,
+                         std::int64_t width, std::int64_t stride, const double* mean, const double* shift,
+                         const double* dy_scale, const double* xmu_scale, const double* constant) {
+  std::int64_t r = 0;
+  const bool in_place = (Dx && (dx == dy || dx == x)) || (Dres && dresidual == dy);
+  if (!in_place)
+    r = input_gradient_rows_distinct<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, rows, width, stride, mean,
+                                                               shift, dy_scale, xmu_scale, constant);
+  for (; r < rows; ++r)
+    for (std::int64_t j = 0; j < width; ++j)
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, r * stride + j, mean[j], shift[j],
+                                                  dy_scale[j], xmu_scale[j], constant[j]);
+}
+
+/// The coefficients of feature @p f's input gradient.
+inline GradientLane gradient_lane(const double* mean, const BackwardCoefficients<double>* k, std::int64_t f) {
+  return {mean[f], k[f].mean_shift, k[f].dy_scale, k[f].xmu_scale, k[f].constant};
+}
+
+/// Calls f(Relu, Dx, Dres, Training) with the four flags of an input gradient as types.
+template <class F>
+void with_gradient_flags(bool relu_on, bool dx, bool dresidual, bool training, F&& f) {
+  with_flag(relu_on, [&](auto rl) {
+    with_flag(dx, [&](auto wdx) {
+      with_flag(dresidual, [&](auto wdr) { with_flag(training, [&](auto tr) { f(rl, wdx, wdr, tr); }); });
+    });
+  });
 }
 
 /// dresidual = g and dx = g·dy_scale + ((x − mean) − mean_shift)·xmu_scale + constant (training),
@@ -597,45 +901,81 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
   const std::int64_t numel = shape.numel();
   if ((dx == nullptr && dresidual == nullptr) || numel == 0) return;
   const Geometry g = geometry(shape, mode);
-  const std::int64_t features = feature_count(shape, mode);
-  // Per-lane arrays (rows layout: position order, replicated); planes use entry c of each.
-  const RowTiling t(g.planes ? 1 : g.rows, g.planes ? features : g.width);
-  const std::int64_t W = g.planes ? features : g.width;
-  const std::int64_t L = g.planes ? features : t.lanes(W);
-  std::vector<double> m(static_cast<std::size_t>(L)), sh(m.size()), ds(m.size()), xs(m.size()), co(m.size());
-  for (std::int64_t j = 0; j < L; ++j) {
-    const std::int64_t f = g.planes ? j : g.feature_at(j % W);
-    m[j] = mean[f];
-    sh[j] = k[f].mean_shift;
-    ds[j] = k[f].dy_scale;
-    xs[j] = k[f].xmu_scale;
-    co[j] = k[f].constant;
-  }
-  with_flag(activation == Activation::relu, [&](auto rl) {
-    with_flag(dx != nullptr, [&](auto wdx) {
-      with_flag(dresidual != nullptr, [&](auto wdr) {
-        with_flag(batch_statistics, [&](auto tr) {
-          constexpr bool Relu = decltype(rl)::value, Dx = decltype(wdx)::value, Dres = decltype(wdr)::value,
-                         Training = decltype(tr)::value;
-          if (g.planes) {
-            parallel_for(g.N * g.C, numel, [&](std::int64_t p) {
-              const std::int64_t c = p % g.C, o = p * g.S;
-              input_gradient_run<false, Relu, Dx, Dres, Training>(
-                  x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr, Dres ? dresidual + o : nullptr, g.S, 1,
-                  &m[c], &sh[c], &ds[c], &xs[c], &co[c]);
-            });
-            return;
-          }
-          const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
-          const std::int64_t pieces = (g.rows + piece - 1) / piece;
-          parallel_for(pieces, numel, [&](std::int64_t p) {
-            const std::int64_t r0 = p * piece, r1 = std::min(g.rows, r0 + piece), o = r0 * W;
-            input_gradient_run<true, Relu, Dx, Dres, Training>(
-                x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr, Dres ? dresidual + o : nullptr,
-                (r1 - r0) * W, L, m.data(), sh.data(), ds.data(), xs.data(), co.data());
-          });
-        });
+  with_gradient_flags(activation == Activation::relu, dx != nullptr, dresidual != nullptr, batch_statistics,
+                      [&](auto rl, auto wdx, auto wdr, auto tr) {
+    constexpr bool Relu = decltype(rl)::value, Dx = decltype(wdx)::value, Dres = decltype(wdr)::value,
+                   Training = decltype(tr)::value;
+    if (g.planes) {
+      parallel_for(g.N * g.C, numel, [&](std::int64_t p) {
+        const std::int64_t o = p * g.S;
+        input_gradient_run<Relu, Dx, Dres, Training>(x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr,
+                                                     Dres ? dresidual + o : nullptr, g.S,
+                                                     gradient_lane(mean, k, p % g.C));
       });
+      return;
+    }
+    // Per-lane arrays in position order, replicated to group·W lanes.
+    const RowTiling t(g.rows, g.width);
+    const std::int64_t W = g.width, L = t.lanes(W);
+    double* lanes = scratch<double>(Scratch::lanes, 5 * L);
+    double *m = lanes, *sh = m + L, *ds = sh + L, *xs = ds + L, *co = xs + L;
+    for (std::int64_t j = 0; j < L; ++j) {
+      const GradientLane lane = gradient_lane(mean, k, g.feature_at(j % W));
+      m[j] = lane.mean;
+      sh[j] = lane.shift;
+      ds[j] = lane.dy_scale;
+      xs[j] = lane.xmu_scale;
+      co[j] = lane.constant;
+    }
+    const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
+    const std::int64_t pieces = (g.rows + piece - 1) / piece;
+    parallel_for(pieces, numel, [&](std::int64_t p) {
+      const std::int64_t r0 = p * piece, r1 = std::min(g.rows, r0 + piece);
+      for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t width) {
+        const std::int64_t o = (r0 + first) * W;
+        input_gradient_rows<Relu, Dx, Dres, Training>(x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr,
+                                                      Dres ? dresidual + o : nullptr, count, width, width, m, sh, ds,
+                                                      xs, co);
+      });
+    });
+  });
+}
+
+/// True when backward's gradient sums and input gradient can be fused per channel: planes, and
+/// a channel's x, dy (and y, with relu) fit the fused budget together.
+template <class T>
+bool backward_fusable(const Shape& shape, Mode mode, Activation activation) {
+  const Geometry g = geometry(shape, mode);
+  const std::int64_t inputs = activation == Activation::relu ? 3 : 2;
+  return g.planes && shape.numel() > 0 && g.N * g.S * static_cast<std::int64_t>(sizeof(T)) * inputs <= fused_channel_bytes;
+}
+
+/**
+ * @brief Backward in the planes layout, one task per channel (backward_fusable): the channel's
+ *        gradient sums (the same bits as gradient_sums_elements: one task per channel there too),
+ *        then @p make_coefficients(c, sums), then its input gradient while x and dy are still in
+ *        L2, so they come from memory once.
+ */
+template <class T, class MakeCoefficients>
+void fused_backward_planes(const Geometry& g, const T* x, const T* dy, const T* y, Activation activation,
+                           const double* mean, bool batch_statistics, MakeCoefficients&& make_coefficients, T* dx,
+                           T* dresidual) {
+  with_gradient_flags(activation == Activation::relu, dx != nullptr, dresidual != nullptr, batch_statistics,
+                      [&](auto rl, auto wdx, auto wdr, auto tr) {
+    [[maybe_unused]] constexpr bool Relu = decltype(rl)::value, Dx = decltype(wdx)::value,
+                                    Dres = decltype(wdr)::value, Training = decltype(tr)::value;
+    parallel_for(g.C, g.N * g.C * g.S, [&](std::int64_t c) {
+      const BackwardSums<double> sums =
+          BackwardSumsAdd{}(BackwardSums<double>{}, plane_range_gradient_sums<Relu>(g, x, dy, y, c, 0, g.N * g.S, mean[c]));
+      const BackwardCoefficients<double> k = make_coefficients(c, sums);
+      if constexpr (Dx || Dres) {
+        const GradientLane lane{mean[c], k.mean_shift, k.dy_scale, k.xmu_scale, k.constant};
+        for (std::int64_t n = 0; n < g.N; ++n) {
+          const std::int64_t o = (n * g.C + c) * g.S;
+          input_gradient_run<Relu, Dx, Dres, Training>(x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr,
+                                                       Dres ? dresidual + o : nullptr, g.S, lane);
+        }
+      }
     });
   });
 }

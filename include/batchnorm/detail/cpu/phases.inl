@@ -5,9 +5,9 @@
  */
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "../moments.hpp"
 #include "../phase_checks.hpp"
@@ -21,11 +21,10 @@ void local_statistics(cpu, const Shape& shape, Mode mode, const T* x, span<doubl
   namespace pc = detail::phase_checks;
   const std::int64_t features = feature_count(shape, mode);
   pc::check_local_statistics(shape, x, statistics, shard_statistics_size(features));
-  std::vector<double> mean(static_cast<std::size_t>(features)), m2(static_cast<std::size_t>(features));
-  detail::cpu_impl::shard_moments(shape, mode, x, mean.data(), m2.data());
+  // The record's two halves are the mean and M2 arrays (scratch of the loops taken first).
+  detail::cpu_impl::reserve_scratch<T>(shape, mode);
+  detail::cpu_impl::shard_moments(shape, mode, x, statistics.data + 1, statistics.data + 1 + features);
   statistics[0] = static_cast<double>(reduction_count(shape, mode));
-  std::copy(mean.begin(), mean.end(), statistics.data + 1);
-  std::copy(m2.begin(), m2.end(), statistics.data + 1 + features);
 }
 
 template <class P>
@@ -37,7 +36,9 @@ void merge_statistics(cpu, std::int64_t features, const MergeArgs<P>& a, const M
 
   // Chan's merge, shard after shard in the given order: the same records in the same order
   // give the same bits on every participant.
-  std::vector<detail::Welford<double>> merged(static_cast<std::size_t>(features));
+  namespace ci = detail::cpu_impl;
+  auto* merged = ci::scratch<detail::Welford<double>>(ci::Scratch::feature_a, features);
+  std::fill(merged, merged + features, detail::Welford<double>{});
   for (std::int64_t r = 0; r < a.shards; ++r) {
     const double* rec = a.shard_statistics.data + r * record;
     const auto count = static_cast<std::int64_t>(rec[0]);
@@ -72,12 +73,14 @@ void normalize(cpu, const Shape& shape, const NormalizeArgs<T>& a, const Element
   pc::check_normalize(shape, a, c, normalization_size(features));
   pc::check_normalization_count(a.normalization, numel);
   if (numel == 0) return;
-  std::vector<detail::Affine<double>> affine(static_cast<std::size_t>(features));
+  namespace ci = detail::cpu_impl;
+  auto* affine = ci::scratch<detail::Affine<double>>(ci::Scratch::feature_c, features);
+  ci::reserve_scratch<T>(shape, c.mode);
   const double* rec = a.normalization.data;
   for (std::int64_t f = 0; f < features; ++f)
     affine[f] = detail::normalize_affine(rec[1 + f], rec[1 + features + f], value_or(a.weight, f, 1.0),
                                          value_or(a.bias, f, 0.0));
-  detail::cpu_impl::normalize_elements(shape, c.mode, a.x, a.residual, c.activation, affine.data(), a.y);
+  detail::cpu_impl::normalize_elements(shape, c.mode, a.x, a.residual, c.activation, affine, a.y);
 }
 
 template <class T>
@@ -87,9 +90,12 @@ void local_gradient_sums(cpu, const Shape& shape, const GradientSumsArgs<T>& a, 
   const std::int64_t features = feature_count(shape, c.mode);
   pc::check_gradient_sums(shape, a, c, normalization_size(features), gradient_sums_size(features));
   pc::check_normalization_count(a.normalization, numel);
-  std::vector<detail::BackwardSums<double>> sums(static_cast<std::size_t>(features));
+  namespace ci = detail::cpu_impl;
+  auto* sums = ci::scratch<detail::BackwardSums<double>>(ci::Scratch::feature_b, features);
+  ci::reserve_scratch<T>(shape, c.mode);
+  std::fill(sums, sums + features, detail::BackwardSums<double>{});
   detail::cpu_impl::gradient_sums_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, a.normalization.data + 1,
-                                           sums.data());
+                                           sums);
   for (std::int64_t f = 0; f < features; ++f) {
     a.gradient_sums[f] = sums[f].dy;
     a.gradient_sums[features + f] = sums[f].dy_xmu;
@@ -108,7 +114,9 @@ void input_gradient(cpu, const Shape& shape, const InputGradientArgs<T>& a, cons
   pc::check_normalization_count(a.normalization, numel);
   const double* rec = a.normalization.data;
   const double total = rec[0];
-  std::vector<detail::BackwardCoefficients<double>> k(static_cast<std::size_t>(features));
+  namespace ci = detail::cpu_impl;
+  auto* k = ci::scratch<detail::BackwardCoefficients<double>>(ci::Scratch::feature_c, features);
+  ci::reserve_scratch<T>(shape, c.mode);
   for (std::int64_t f = 0; f < features; ++f) {
     // Σ(x − mean) is 0: the mean is the merged one, in double (no saved-mean rounding to undo).
     const detail::BackwardSums<double> sums{a.gradient_sums[f], a.gradient_sums[features + f], 0.0};
@@ -121,7 +129,7 @@ void input_gradient(cpu, const Shape& shape, const InputGradientArgs<T>& a, cons
     detail::store_gradient(a.grad_bias.data ? a.grad_bias.data + f : nullptr, k[f].grad_bias, c.accumulate);
   }
   if (numel == 0) return;
-  detail::cpu_impl::input_gradient_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, rec + 1, k.data(), true,
+  detail::cpu_impl::input_gradient_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, rec + 1, k, true,
                                             a.dx, a.dresidual);
 }
 
