@@ -121,6 +121,20 @@ void expect_same_bits(const std::vector<T>& a, const std::vector<T>& b, const st
   EXPECT_TRUE(a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0) << what;
 }
 
+/// Every output of run_all bit for bit, failures prefixed by @p what.
+template <class T>
+void expect_same_outputs(const Outputs<T>& r, const Outputs<T>& ref, const std::string& what) {
+  expect_same_bits(r.y, ref.y, what + "y");
+  expect_same_bits(r.save_mean, ref.save_mean, what + "save_mean");
+  expect_same_bits(r.save_invstd, ref.save_invstd, what + "save_invstd");
+  expect_same_bits(r.running_var, ref.running_var, what + "running_var");
+  expect_same_bits(r.dx, ref.dx, what + "dx");
+  expect_same_bits(r.dresidual, ref.dresidual, what + "dresidual");
+  expect_same_bits(r.grad_weight, ref.grad_weight, what + "grad_weight");
+  expect_same_bits(r.grad_bias, ref.grad_bias, what + "grad_bias");
+  expect_same_bits(r.statistics, ref.statistics, what + "local_statistics");
+}
+
 void set_threads(int n) {
 #if defined(_OPENMP)
   omp_set_num_threads(n);
@@ -214,16 +228,7 @@ TYPED_TEST(CpuPaths, SameBitsForAnyThreadCount) {
     for (int threads : {2, 3, 7}) {
       set_threads(threads);
       const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-      const std::string t = std::to_string(threads) + " threads: ";
-      expect_same_bits(r.y, one.y, t + "y");
-      expect_same_bits(r.save_mean, one.save_mean, t + "save_mean");
-      expect_same_bits(r.save_invstd, one.save_invstd, t + "save_invstd");
-      expect_same_bits(r.running_var, one.running_var, t + "running_var");
-      expect_same_bits(r.dx, one.dx, t + "dx");
-      expect_same_bits(r.dresidual, one.dresidual, t + "dresidual");
-      expect_same_bits(r.grad_weight, one.grad_weight, t + "grad_weight");
-      expect_same_bits(r.grad_bias, one.grad_bias, t + "grad_bias");
-      expect_same_bits(r.statistics, one.statistics, t + "local_statistics");
+      expect_same_outputs(r, one, std::to_string(threads) + " threads: ");
     }
   }
   set_threads(before);
@@ -250,23 +255,14 @@ TYPED_TEST(CpuPaths, SameBitsForEveryIsa) {
         ci::isa_in_use() = isa;
         const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
         ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
-        const std::string t = "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": ");
-        expect_same_bits(r.y, base.y, t + "y");
-        expect_same_bits(r.save_mean, base.save_mean, t + "save_mean");
-        expect_same_bits(r.save_invstd, base.save_invstd, t + "save_invstd");
-        expect_same_bits(r.running_var, base.running_var, t + "running_var");
-        expect_same_bits(r.dx, base.dx, t + "dx");
-        expect_same_bits(r.dresidual, base.dresidual, t + "dresidual");
-        expect_same_bits(r.grad_weight, base.grad_weight, t + "grad_weight");
-        expect_same_bits(r.grad_bias, base.grad_bias, t + "grad_bias");
-        expect_same_bits(r.statistics, base.statistics, t + "local_statistics");
+        expect_same_outputs(r, base, "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
       }
     }
   }
   ci::isa_in_use() = before;
 }
 
-// In place (y = x, y = residual; dx = dy, dx = x, dresidual = dy) gives the same bits as
+// In place (y = x, y = residual; dx = dy, dresidual = dy) gives the same bits as
 // separate buffers, in every path (the rows loops take another loop when buffers coincide).
 TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
   using T = TypeParam;
