@@ -261,17 +261,33 @@ BN_HOST_DEVICE PivotedStats<Acc> finalize_pivoted(const Welford<Acc>& w, const P
   return r;
 }
 
+/// relu as torch.relu, in place: NaN and -0 pass through. Also for GCC vectors (the CPU
+/// backend's eight-value loops), which is why it takes a reference and writes Acc{} for zero.
+template <class Acc>
+BN_HOST_DEVICE void apply_relu(Acc& v) {
+  v = v < Acc{} ? Acc{} : v;
+}
+
 /// relu as torch.relu: NaN and -0 pass through.
 template <class Acc>
 BN_HOST_DEVICE Acc relu(Acc v) {
-  return v < Acc(0) ? Acc(0) : v;
+  apply_relu(v);
+  return v;
+}
+
+/// Gradient through relu from its output y, as PyTorch's threshold_backward, in place on @p g:
+/// zero where y <= 0, g elsewhere (also where y is NaN). Also for GCC vectors, as apply_relu.
+template <class Acc>
+BN_HOST_DEVICE void apply_relu_backward(Acc& g, const Acc& y) {
+  g = y <= Acc{} ? Acc{} : g;
 }
 
 /// Gradient through relu from its output y, as PyTorch's threshold_backward:
 /// zero where y <= 0, dy elsewhere (also where y is NaN).
 template <class Acc>
 BN_HOST_DEVICE Acc relu_backward(Acc dy, Acc y) {
-  return y <= Acc(0) ? Acc(0) : dy;
+  apply_relu_backward(dy, y);
+  return dy;
 }
 
 /**
