@@ -455,6 +455,21 @@ void for_lane_rows(std::int64_t rows, std::int64_t W, std::int64_t group, F&& f)
   if (rows % group != 0) f(grouped * group, rows % group, W);
 }
 
+/// Lanes of an element-wise rows pass taken at once (see for_lane_blocks): their coefficient
+/// arrays (at most five of 512 doubles, 20 KiB) stay in L1 while the rows go through them.
+inline constexpr std::int64_t elementwise_block_lanes = 512;
+
+/// f(row, j0, j1) for every row and block [j0, j1) of elementwise_block_lanes lanes, blocks
+/// outer: wide rows ((128, 8192) say) reuse a block's coefficients from L1 across rows, narrow
+/// ones are one block. j1 − j0 is a multiple of 8 except in the last block.
+template <class F>
+void for_lane_blocks(std::int64_t rows, std::int64_t width, F&& f) {
+  for (std::int64_t j0 = 0; j0 < width; j0 += elementwise_block_lanes) {
+    const std::int64_t j1 = std::min(width, j0 + elementwise_block_lanes);
+    for (std::int64_t r = 0; r < rows; ++r) f(r, j0, j1);
+  }
+}
+
 /// acc[j] += Σ_r (x[r][j] − center[j]) (or its square).
 template <bool Square, class T>
 void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
@@ -552,13 +567,12 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {
     // Eight values of a row at a time, read before any is written (so in place too).
-    const std::int64_t eights = width / 8 * 8;
-    for (std::int64_t r = 0; r < rows; ++r) {
+    for_lane_blocks(rows, width, [&](std::int64_t r, std::int64_t j0, std::int64_t j1) {
       const T* xr = x + r * stride;
       const T* rr = Residual ? residual + r * stride : nullptr;
       T* yr = y + r * stride;
-      std::int64_t j = 0;
-      for (; j < eights; j += 8) {
+      std::int64_t j = j0;
+      for (; j + 8 <= j1; j += 8) {
         double8 v, res{}, m, sc, b;
         load8(xr + j, v);
         if constexpr (Residual) load8(rr + j, res);
@@ -568,8 +582,8 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
         normalize_value<Residual, Relu>(v, res, m, sc, b);
         store8(yr + j, v);
       }
-      for (; j < width; ++j) normalize_at<Residual, Relu>(xr, rr, yr, j, mean[j], scale[j], bias[j]);
-    }
+      for (; j < j1; ++j) normalize_at<Residual, Relu>(xr, rr, yr, j, mean[j], scale[j], bias[j]);
+    });
     return;
   }
 #endif
@@ -654,6 +668,11 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
     else
       add_row_deviations<Square>(x + a * W + c0, b - a, width, W, center, acc);
   };
+  // The block's running (mean, M2) per position, merged chunk by chunk; every position has the
+  // same count, so the merge runs without count branches over all positions (vectorized).
+  alignas(64) double run_mean[max_block_width];
+  alignas(64) double run_m2[max_block_width];
+  std::int64_t run_count = 0;
   for (std::int64_t a = r0; a < r1; a += chunk_rows) {
     const std::int64_t b = std::min(r1, a + chunk_rows);
     for (std::int64_t j = 0; j < width; ++j) center[j] = finite_or_zero(conv::to_double(x[a * W + c0 + j]));
@@ -670,9 +689,20 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
     for (std::int64_t j = 0; j < width; ++j) {
       double s = acc[j];
       for (std::int64_t k = 1; k < t.group; ++k) s += acc[k * width + j];
-      out[j] = merge(out[j], Welford<double>{center[j], s, b - a});
+      acc[j] = s;
     }
+    if (run_count == 0) {
+      std::copy(center, center + width, run_mean);
+      std::copy(acc, acc + width, run_m2);
+    } else {
+      const double b_share = static_cast<double>(b - a) / static_cast<double>(run_count + (b - a));
+      const double count_a = static_cast<double>(run_count);
+      for (std::int64_t j = 0; j < width; ++j) merge_nonempty(run_mean[j], run_m2[j], center[j], acc[j], count_a, b_share);
+    }
+    run_count += b - a;
   }
+  if (run_count == 0) return;
+  for (std::int64_t j = 0; j < width; ++j) out[j] = merge(out[j], Welford<double>{run_mean[j], run_m2[j], run_count});
 }
 
 /**
@@ -968,11 +998,10 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {
     // Eight values of a row at a time, read before any is written (so in place too).
-    const std::int64_t eights = width / 8 * 8;
-    for (std::int64_t r = 0; r < rows; ++r) {
+    for_lane_blocks(rows, width, [&](std::int64_t r, std::int64_t j0, std::int64_t j1) {
       const std::int64_t o = r * stride;
-      std::int64_t j = 0;
-      for (; j < eights; j += 8) {
+      std::int64_t j = j0;
+      for (; j + 8 <= j1; j += 8) {
         double8 g, out, xv{}, m{}, sh{}, ds, xs{}, co{};
         load8(dy + o + j, g);
         if constexpr (Relu) {
@@ -994,10 +1023,10 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
         if constexpr (Dres) store8(dresidual + o + j, g);
         if constexpr (Dx) store8(dx + o + j, out);
       }
-      for (; j < width; ++j)
+      for (; j < j1; ++j)
         input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, o + j, mean[j], shift[j], dy_scale[j],
                                                     xmu_scale[j], constant[j]);
-    }
+    });
     return;
   }
 #endif
