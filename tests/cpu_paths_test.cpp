@@ -263,6 +263,69 @@ TYPED_TEST(CpuPaths, SameBitsForEveryIsa) {
   ci::isa_in_use() = before;
 }
 
+// The streaming loops of the element-wise rows passes (taken above 8 MiB) give the same bits as
+// the in-cache loops, in every path, for every instruction set, and in place.
+TYPED_TEST(CpuPaths, StreamingLoopsGiveTheSameBits) {
+  using T = TypeParam;
+  namespace ci = batchnorm::detail::cpu_impl;
+  const std::int64_t before = ci::streaming_bytes().load();
+  for (const PathCase& k : path_cases()) {
+    SCOPED_TRACE(k.path);
+    const Shape shape = bn_test::make_shape(k.extents, k.layout);
+    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+    const auto x = bnref::cast<T>(bnref::normal(numel, 91, 3.0, 2.0));
+    const auto z = bnref::cast<T>(bnref::normal(numel, 92));
+    const auto dy = bnref::cast<T>(bnref::normal(numel, 93));
+    const auto w = bnref::cast<T>(bnref::normal(F, 94, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 95));
+    const int best = static_cast<int>(ci::best_isa()), isa_before = ci::isa_in_use().load();
+    for (const bool relu : {false, true}) {
+      ci::streaming_bytes() = before;
+      const Outputs<T> cached = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+      ci::streaming_bytes() = 0;
+      for (int isa = 0; isa <= best; ++isa) {  // GCC vectors, lowered for each instruction set
+        ci::isa_in_use() = isa;
+        const Outputs<T> streamed = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+        expect_same_outputs(streamed, cached, "streaming, isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
+      }
+      ci::isa_in_use() = isa_before;
+    }
+    // In place through the streaming loops: y = x, then dx = dy.
+    std::vector<T> buf = x, rm(F, T(0.5)), rv(F, T(2)), mean(F), invstd(F);
+    batchnorm::ForwardArgs<T> fa;
+    fa.x = buf.data();
+    fa.y = buf.data();
+    fa.weight = {w.data(), F};
+    fa.bias = {b.data(), F};
+    fa.running_mean = rm;
+    fa.running_var = rv;
+    fa.save_mean = mean;
+    fa.save_invstd = invstd;
+    batchnorm::ForwardConfig fc;
+    fc.mode = k.mode;
+    batchnorm::forward(cpu{}, shape, fa, fc);
+    ci::streaming_bytes() = before;
+    const Outputs<T> cached = run_all(shape, k.mode, x, z, dy, w, b, false, false, true, false);
+    expect_same_bits(buf, cached.y, "streaming, y = x");
+    ci::streaming_bytes() = 0;
+    std::vector<T> g = dy, gw(F), gb(F);
+    batchnorm::BackwardArgs<T> ba;
+    ba.x = x.data();
+    ba.dy = g.data();
+    ba.dx = g.data();
+    ba.weight = {w.data(), F};
+    ba.mean = {cached.save_mean.data(), F};
+    ba.invstd = {cached.save_invstd.data(), F};
+    ba.grad_weight = gw;
+    ba.grad_bias = gb;
+    batchnorm::BackwardConfig bc;
+    bc.mode = k.mode;
+    batchnorm::backward(cpu{}, shape, ba, bc);
+    ci::streaming_bytes() = before;
+    expect_same_bits(g, cached.dx, "streaming, dx = dy");
+  }
+  ci::streaming_bytes() = before;
+}
+
 // In place (y = x, y = residual; dx = dy, dresidual = dy) gives the same bits as
 // separate buffers, in every path (the rows loops take another loop when buffers coincide).
 TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
@@ -358,8 +421,12 @@ TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
 TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
   using T = TypeParam;
   namespace phases = batchnorm::phases;
+  namespace ci = batchnorm::detail::cpu_impl;
+  const std::int64_t before = ci::streaming_bytes().load();
   const std::vector<std::vector<std::int64_t>> extents = {{3, 11, 5, 7}, {2, 16, 9, 9}, {4, 21, 3, 5}};
+  for (const std::int64_t streaming_bytes : {before, std::int64_t{0}})
   for (const auto& e : extents) {
+    ci::streaming_bytes() = streaming_bytes;
     const Shape nchw = bn_test::make_shape(e), nhwc = bn_test::make_shape(e, Layout::channels_last);
     const std::int64_t F = e[1], numel = nchw.numel();
     const auto x = bnref::cast<T>(bnref::normal(numel, 81, 3.0, 2.0));
@@ -373,7 +440,7 @@ TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
     ma.normalization = norm;
     phases::merge_statistics(cpu{}, F, ma, {});
     for (const bool relu : {false, true}) {
-      SCOPED_TRACE("(" + std::to_string(e[0]) + "," + std::to_string(F) + "," + std::to_string(e[2]) + "," +
+      SCOPED_TRACE(std::string(streaming_bytes == 0 ? "streaming loops " : "") + "(" + std::to_string(e[0]) + "," + std::to_string(F) + "," + std::to_string(e[2]) + "," +
                    std::to_string(e[3]) + ")" + (relu ? " relu + residual" : ""));
       phases::ElementwiseConfig config;
       config.activation = relu ? Activation::relu : Activation::identity;
@@ -418,6 +485,7 @@ TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
       expect_same_bits(bn_test::from_channels_last(dres_last, nchw), dres, "input_gradient dresidual");
     }
   }
+  ci::streaming_bytes() = before;
 }
 
 // Empty batches (N = 0) leave y untouched and give zero parameter gradients; a tensor with one
