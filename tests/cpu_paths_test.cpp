@@ -4,7 +4,8 @@
 // layouts, relu / residual / dx / dresidual combinations, odd sizes, one sample, empty batches;
 // the same bits for 1, 2, 3 and 7 OpenMP threads, for every instruction set the loops are
 // compiled for, in place, and (element-wise passes) in either layout; constant features give
-// exactly the bias.
+// exactly the bias. The rows loops that tensors over 8 MiB take (streaming) run on the same
+// cases, forced.
 #include <batchnorm/batchnorm.hpp>
 #include <batchnorm/phases.hpp>
 #include <gtest/gtest.h>
@@ -152,6 +153,20 @@ int max_threads() {
 #endif
 }
 
+/// Runs @p body with the loops the sizes here choose (in cache) and again with the streaming loops
+/// that tensors over 8 MiB take (detail::cpu_impl::streaming_bytes lowered to 0).
+template <class Body>
+void for_each_loop_family(Body&& body) {
+  namespace ci = batchnorm::detail::cpu_impl;
+  const std::int64_t before = ci::streaming_bytes().load();
+  for (const std::int64_t bytes : {before, std::int64_t{0}}) {
+    ci::streaming_bytes() = bytes;
+    SCOPED_TRACE(bytes == 0 ? "streaming loops" : "in-cache loops");
+    body();
+  }
+  ci::streaming_bytes() = before;
+}
+
 template <class T>
 class CpuPaths : public ::testing::Test {};
 using Types = ::testing::Types<float, double>;
@@ -161,256 +176,203 @@ TYPED_TEST_SUITE(CpuPaths, Types);
 // residual / dx / dresidual combination.
 TYPED_TEST(CpuPaths, MatchTheReference) {
   using T = TypeParam;
-  const double tol = sizeof(T) == 4 ? 2e-6 : 1e-11;  // float: output rounding (0.5 ulp) dominates
-  for (const PathCase& k : path_cases()) {
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 31, 100.0, 3.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 32));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 33));
-    const auto w = bnref::cast<T>(bnref::normal(F, 34, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 35));
-    for (int combo = 0; combo < 4; ++combo) {
-      const bool relu = combo & 1, residual = combo & 2;
-      SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
-      const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, residual, true, combo != 3);
+  for_each_loop_family([&] {
+    const double tol = sizeof(T) == 4 ? 2e-6 : 1e-11;  // float: output rounding (0.5 ulp) dominates
+    for (const PathCase& k : path_cases()) {
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 31, 100.0, 3.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 32));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 33));
+      const auto w = bnref::cast<T>(bnref::normal(F, 34, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 35));
+      for (int combo = 0; combo < 4; ++combo) {
+        const bool relu = combo & 1, residual = combo & 2;
+        SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
+        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, residual, true, combo != 3);
 
-      bnref::Params p;
-      p.weight = bnref::widen(w);
-      p.bias = bnref::widen(b);
-      p.running_mean.assign(F, 0.5);
-      p.running_var.assign(F, 2.0);
-      bnref::ForwardSettings s;
-      s.mode = k.mode;
-      s.relu = relu;
-      const auto ref = bnref::forward(shape, bnref::widen(x), p, s, residual ? bnref::widen(z) : std::vector<double>{});
-      EXPECT_LE(bnref::max_rel_error(r.y, ref.y), tol);
-      EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), tol);
-      EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), tol);
-      EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), tol);
-      EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), tol);
-      // The local statistics record: count, mean, M2 (double, no output rounding).
-      for (std::int64_t f = 0; f < F; ++f) {
-        const double n = r.statistics[0];
-        ASSERT_EQ(n, static_cast<double>(batchnorm::reduction_count(shape, k.mode)));
-        EXPECT_NEAR(r.statistics[1 + f], ref.mean[f], 1e-12 * std::abs(ref.mean[f]));
-        EXPECT_NEAR(r.statistics[1 + F + f] / n, ref.batch_var[f], 1e-11 * ref.batch_var[f]);
+        bnref::Params p;
+        p.weight = bnref::widen(w);
+        p.bias = bnref::widen(b);
+        p.running_mean.assign(F, 0.5);
+        p.running_var.assign(F, 2.0);
+        bnref::ForwardSettings s;
+        s.mode = k.mode;
+        s.relu = relu;
+        const auto ref = bnref::forward(shape, bnref::widen(x), p, s, residual ? bnref::widen(z) : std::vector<double>{});
+        EXPECT_LE(bnref::max_rel_error(r.y, ref.y), tol);
+        EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), tol);
+        EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), tol);
+        EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), tol);
+        EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), tol);
+        // The local statistics record: count, mean, M2 (double, no output rounding).
+        for (std::int64_t f = 0; f < F; ++f) {
+          const double n = r.statistics[0];
+          ASSERT_EQ(n, static_cast<double>(batchnorm::reduction_count(shape, k.mode)));
+          EXPECT_NEAR(r.statistics[1 + f], ref.mean[f], 1e-12 * std::abs(ref.mean[f]));
+          EXPECT_NEAR(r.statistics[1 + F + f] / n, ref.batch_var[f], 1e-11 * ref.batch_var[f]);
+        }
+
+        // Backward with the invstd forward saved (rounded to T) and the exact mean (backward
+        // corrects the saved mean's rounding with Σ(x − saved mean)), y as the relu mask.
+        bnref::ForwardResult saved = ref;
+        saved.invstd = bnref::widen(r.save_invstd);
+        saved.y = bnref::widen(r.y);
+        const auto bref = bnref::backward(shape, bnref::widen(x), bnref::widen(dy), p, saved, k.mode, relu);
+        const double btol = sizeof(T) == 4 ? 2e-5 : 1e-10;
+        EXPECT_LE(bnref::max_rel_error(r.dx, bref.dx), btol);
+        EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), btol);
+        EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), btol);
+        if (combo != 3) EXPECT_LE(bnref::max_rel_error(r.dresidual, bref.dz), 0.0);
+        else EXPECT_EQ(r.dresidual, std::vector<T>(numel, T(0)));  // not requested: untouched
       }
-
-      // Backward with the invstd forward saved (rounded to T) and the exact mean (backward
-      // corrects the saved mean's rounding with Σ(x − saved mean)), y as the relu mask.
-      bnref::ForwardResult saved = ref;
-      saved.invstd = bnref::widen(r.save_invstd);
-      saved.y = bnref::widen(r.y);
-      const auto bref = bnref::backward(shape, bnref::widen(x), bnref::widen(dy), p, saved, k.mode, relu);
-      const double btol = sizeof(T) == 4 ? 2e-5 : 1e-10;
-      EXPECT_LE(bnref::max_rel_error(r.dx, bref.dx), btol);
-      EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), btol);
-      EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), btol);
-      if (combo != 3) EXPECT_LE(bnref::max_rel_error(r.dresidual, bref.dz), 0.0);
-      else EXPECT_EQ(r.dresidual, std::vector<T>(numel, T(0)));  // not requested: untouched
     }
-  }
+  });
 }
 
 // The same bits for 1, 2, 3 and 7 threads (fixed partition of every reduction, fixed order).
 TYPED_TEST(CpuPaths, SameBitsForAnyThreadCount) {
   using T = TypeParam;
-  const int before = max_threads();
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 41, -7.0, 5.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 42));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 43));
-    const auto w = bnref::cast<T>(bnref::normal(F, 44, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 45));
-    set_threads(1);
-    const Outputs<T> one = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-    for (int threads : {2, 3, 7}) {
-      set_threads(threads);
-      const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-      expect_same_outputs(r, one, std::to_string(threads) + " threads: ");
+  for_each_loop_family([&] {
+    const int before = max_threads();
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 41, -7.0, 5.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 42));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 43));
+      const auto w = bnref::cast<T>(bnref::normal(F, 44, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 45));
+      set_threads(1);
+      const Outputs<T> one = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+      for (int threads : {2, 3, 7}) {
+        set_threads(threads);
+        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+        expect_same_outputs(r, one, std::to_string(threads) + " threads: ");
+      }
     }
-  }
-  set_threads(before);
+    set_threads(before);
+  });
 }
 
 // The same bits from every instruction set the loops are compiled for (baseline x86-64, AVX2,
 // AVX-512 where the processor has them): lanes are explicit and nothing is contracted into FMA.
 TYPED_TEST(CpuPaths, SameBitsForEveryIsa) {
   using T = TypeParam;
-  namespace ci = batchnorm::detail::cpu_impl;
-  const int best = static_cast<int>(ci::best_isa()), before = ci::isa_in_use().load();
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 51, 3.0, 2.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 52));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 53));
-    const auto w = bnref::cast<T>(bnref::normal(F, 54, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 55));
-    ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
-    for (const bool relu : {false, true}) {
-      const Outputs<T> base = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
-      for (int isa = 1; isa <= best; ++isa) {
-        ci::isa_in_use() = isa;
-        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
-        ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
-        expect_same_outputs(r, base, "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
+  for_each_loop_family([&] {
+    namespace ci = batchnorm::detail::cpu_impl;
+    const int best = static_cast<int>(ci::best_isa()), before = ci::isa_in_use().load();
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 51, 3.0, 2.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 52));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 53));
+      const auto w = bnref::cast<T>(bnref::normal(F, 54, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 55));
+      ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
+      for (const bool relu : {false, true}) {
+        const Outputs<T> base = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+        for (int isa = 1; isa <= best; ++isa) {
+          ci::isa_in_use() = isa;
+          const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+          ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
+          expect_same_outputs(r, base, "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
+        }
       }
     }
-  }
-  ci::isa_in_use() = before;
-}
-
-// The streaming loops of the element-wise rows passes (taken above 8 MiB) give the same bits as
-// the in-cache loops, in every path, for every instruction set, and in place.
-TYPED_TEST(CpuPaths, StreamingLoopsGiveTheSameBits) {
-  using T = TypeParam;
-  namespace ci = batchnorm::detail::cpu_impl;
-  const std::int64_t before = ci::streaming_bytes().load();
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 91, 3.0, 2.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 92));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 93));
-    const auto w = bnref::cast<T>(bnref::normal(F, 94, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 95));
-    const int best = static_cast<int>(ci::best_isa()), isa_before = ci::isa_in_use().load();
-    for (const bool relu : {false, true}) {
-      ci::streaming_bytes() = before;
-      const Outputs<T> cached = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
-      ci::streaming_bytes() = 0;
-      for (int isa = 0; isa <= best; ++isa) {  // GCC vectors, lowered for each instruction set
-        ci::isa_in_use() = isa;
-        const Outputs<T> streamed = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
-        expect_same_outputs(streamed, cached, "streaming, isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
-      }
-      ci::isa_in_use() = isa_before;
-    }
-    // In place through the streaming loops: y = x, then dx = dy.
-    std::vector<T> buf = x, rm(F, T(0.5)), rv(F, T(2)), mean(F), invstd(F);
-    batchnorm::ForwardArgs<T> fa;
-    fa.x = buf.data();
-    fa.y = buf.data();
-    fa.weight = {w.data(), F};
-    fa.bias = {b.data(), F};
-    fa.running_mean = rm;
-    fa.running_var = rv;
-    fa.save_mean = mean;
-    fa.save_invstd = invstd;
-    batchnorm::ForwardConfig fc;
-    fc.mode = k.mode;
-    batchnorm::forward(cpu{}, shape, fa, fc);
-    ci::streaming_bytes() = before;
-    const Outputs<T> cached = run_all(shape, k.mode, x, z, dy, w, b, false, false, true, false);
-    expect_same_bits(buf, cached.y, "streaming, y = x");
-    ci::streaming_bytes() = 0;
-    std::vector<T> g = dy, gw(F), gb(F);
-    batchnorm::BackwardArgs<T> ba;
-    ba.x = x.data();
-    ba.dy = g.data();
-    ba.dx = g.data();
-    ba.weight = {w.data(), F};
-    ba.mean = {cached.save_mean.data(), F};
-    ba.invstd = {cached.save_invstd.data(), F};
-    ba.grad_weight = gw;
-    ba.grad_bias = gb;
-    batchnorm::BackwardConfig bc;
-    bc.mode = k.mode;
-    batchnorm::backward(cpu{}, shape, ba, bc);
-    ci::streaming_bytes() = before;
-    expect_same_bits(g, cached.dx, "streaming, dx = dy");
-  }
-  ci::streaming_bytes() = before;
+    ci::isa_in_use() = before;
+  });
 }
 
 // In place (y = x, y = residual; dx = dy, dresidual = dy) gives the same bits as
 // separate buffers, in every path (the rows loops take another loop when buffers coincide).
 TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
   using T = TypeParam;
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 71, 3.0, 2.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 72));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 73));
-    const auto w = bnref::cast<T>(bnref::normal(F, 74, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 75));
-    // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
-    const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-    std::vector<T> mean(F), invstd(F);
-    for (const bool onto_residual : {false, true}) {
-      std::vector<T> buf = onto_residual ? z : x, rm(F, T(0.5)), rv(F, T(2));
-      batchnorm::ForwardArgs<T> fa;
-      fa.x = onto_residual ? x.data() : buf.data();
-      fa.residual = onto_residual ? buf.data() : z.data();
-      fa.y = buf.data();
-      fa.weight = {w.data(), F};
-      fa.bias = {b.data(), F};
-      fa.running_mean = rm;
-      fa.running_var = rv;
-      fa.save_mean = mean;
-      fa.save_invstd = invstd;
-      batchnorm::ForwardConfig fc;
-      fc.mode = k.mode;
-      fc.activation = Activation::relu;
-      batchnorm::forward(cpu{}, shape, fa, fc);
-      expect_same_bits(buf, sep.y, onto_residual ? "y = residual" : "y = x");
+  for_each_loop_family([&] {
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 71, 3.0, 2.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 72));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 73));
+      const auto w = bnref::cast<T>(bnref::normal(F, 74, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 75));
+      // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
+      const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+      std::vector<T> mean(F), invstd(F);
+      for (const bool onto_residual : {false, true}) {
+        std::vector<T> buf = onto_residual ? z : x, rm(F, T(0.5)), rv(F, T(2));
+        batchnorm::ForwardArgs<T> fa;
+        fa.x = onto_residual ? x.data() : buf.data();
+        fa.residual = onto_residual ? buf.data() : z.data();
+        fa.y = buf.data();
+        fa.weight = {w.data(), F};
+        fa.bias = {b.data(), F};
+        fa.running_mean = rm;
+        fa.running_var = rv;
+        fa.save_mean = mean;
+        fa.save_invstd = invstd;
+        batchnorm::ForwardConfig fc;
+        fc.mode = k.mode;
+        fc.activation = Activation::relu;
+        batchnorm::forward(cpu{}, shape, fa, fc);
+        expect_same_bits(buf, sep.y, onto_residual ? "y = residual" : "y = x");
+      }
+      // Backward: dx onto dy (with dresidual separate), then dresidual onto dy (dx separate).
+      for (const bool dres_onto_dy : {false, true}) {
+        std::vector<T> g = dy, other(numel, T(0)), gw(F, T(0)), gb(F, T(0));
+        batchnorm::BackwardArgs<T> ba;
+        ba.x = x.data();
+        ba.dy = g.data();
+        ba.y = sep.y.data();
+        ba.dx = dres_onto_dy ? other.data() : g.data();
+        ba.dresidual = dres_onto_dy ? g.data() : other.data();
+        ba.weight = {w.data(), F};
+        ba.mean = {sep.save_mean.data(), F};
+        ba.invstd = {sep.save_invstd.data(), F};
+        ba.grad_weight = gw;
+        ba.grad_bias = gb;
+        batchnorm::BackwardConfig bc;
+        bc.mode = k.mode;
+        bc.activation = Activation::relu;
+        batchnorm::backward(cpu{}, shape, ba, bc);
+        expect_same_bits(dres_onto_dy ? other : g, sep.dx, dres_onto_dy ? "dx (dresidual = dy)" : "dx = dy");
+        expect_same_bits(dres_onto_dy ? g : other, sep.dresidual, dres_onto_dy ? "dresidual = dy" : "dresidual (dx = dy)");
+        expect_same_bits(gw, sep.grad_weight, "grad_weight");
+      }
     }
-    // Backward: dx onto dy (with dresidual separate), then dresidual onto dy (dx separate).
-    for (const bool dres_onto_dy : {false, true}) {
-      std::vector<T> g = dy, other(numel, T(0)), gw(F, T(0)), gb(F, T(0));
-      batchnorm::BackwardArgs<T> ba;
-      ba.x = x.data();
-      ba.dy = g.data();
-      ba.y = sep.y.data();
-      ba.dx = dres_onto_dy ? other.data() : g.data();
-      ba.dresidual = dres_onto_dy ? g.data() : other.data();
-      ba.weight = {w.data(), F};
-      ba.mean = {sep.save_mean.data(), F};
-      ba.invstd = {sep.save_invstd.data(), F};
-      ba.grad_weight = gw;
-      ba.grad_bias = gb;
-      batchnorm::BackwardConfig bc;
-      bc.mode = k.mode;
-      bc.activation = Activation::relu;
-      batchnorm::backward(cpu{}, shape, ba, bc);
-      expect_same_bits(dres_onto_dy ? other : g, sep.dx, dres_onto_dy ? "dx (dresidual = dy)" : "dx = dy");
-      expect_same_bits(dres_onto_dy ? g : other, sep.dresidual, dres_onto_dy ? "dresidual = dy" : "dresidual (dx = dy)");
-      expect_same_bits(gw, sep.grad_weight, "grad_weight");
-    }
-  }
+  });
 }
 
 // A constant feature (at an offset, at 1e30) gives exactly the bias and variance 0, in every path.
 TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
   using T = TypeParam;
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    for (double value : {0.1, 12345.678, -1e6 - 0.3, 1e30}) {
-      const std::vector<T> x(numel, static_cast<T>(value));
-      const auto w = bnref::cast<T>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 52));
-      const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
-      const std::int64_t C = shape.channels(), S = shape.spatial();
-      for (std::int64_t i = 0; i < numel; ++i) {
-        const bool last = shape.layout() == Layout::channels_last;
-        const std::int64_t c = last ? i % C : (i / S) % C, s = last ? (i / C) % S : i % S;
-        const std::int64_t f = k.mode == Mode::per_channel ? c : c * S + s;
-        if (r.y[i] != b[f]) {
-          ADD_FAILURE() << "element " << i << " value " << value << ": " << r.y[i] << " != bias " << b[f];
-          break;
+  for_each_loop_family([&] {
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      for (double value : {0.1, 12345.678, -1e6 - 0.3, 1e30}) {
+        const std::vector<T> x(numel, static_cast<T>(value));
+        const auto w = bnref::cast<T>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 52));
+        const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
+        const std::int64_t C = shape.channels(), S = shape.spatial();
+        for (std::int64_t i = 0; i < numel; ++i) {
+          const bool last = shape.layout() == Layout::channels_last;
+          const std::int64_t c = last ? i % C : (i / S) % C, s = last ? (i / C) % S : i % S;
+          const std::int64_t f = k.mode == Mode::per_channel ? c : c * S + s;
+          if (r.y[i] != b[f]) {
+            ADD_FAILURE() << "element " << i << " value " << value << ": " << r.y[i] << " != bias " << b[f];
+            break;
+          }
+        }
+        for (std::int64_t f = 0; f < F; ++f) {
+          EXPECT_EQ(r.save_mean[f], static_cast<T>(value));
+          EXPECT_EQ(r.statistics[1 + F + f], 0.0);  // M2
         }
       }
-      for (std::int64_t f = 0; f < F; ++f) {
-        EXPECT_EQ(r.save_mean[f], static_cast<T>(value));
-        EXPECT_EQ(r.statistics[1 + F + f], 0.0);  // M2
-      }
     }
-  }
+  });
 }
 
 // The element-wise passes (normalize, input gradient) compute each value with one formula,

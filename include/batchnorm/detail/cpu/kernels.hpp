@@ -499,10 +499,12 @@ void for_eight_lanes(std::int64_t rows, std::int64_t width, Lanes&& lanes, Row&&
 }
 #endif
 
-/// acc[j] += Σ_r (x[r][j] − center[j]) (or its square).
+/// acc[j] += Σ_r (x[r][j] − center[j]) (or its square). @p one_row: a row at a time, eight lanes
+/// at a time (a statistics chunk's first pass over a tensor that streams from memory: see
+/// row_block_moments); otherwise four rows at once. The two sum in different orders.
 template <bool Square, class T>
 void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
-                        const double* __restrict center, double* __restrict acc) {
+                        const double* __restrict center, double* __restrict acc, bool one_row) {
   using conv = convert<T>;
   auto term = [](double v, double c) {
     const double d = v - c;
@@ -510,6 +512,27 @@ void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t w
     else return d;
   };
   std::int64_t r = 0;
+#if defined(BATCHNORM_CPU_EIGHT)
+  if (loads_eight<T> && one_row) {
+    const std::int64_t eights = width / 8 * 8;
+    for (; r < rows; ++r) {
+      const T* xr = x + r * stride;
+      for (std::int64_t j = 0; j < eights; j += 8) {
+        double8 c, a, v;
+        load8(center + j, c);
+        load8(acc + j, a);
+        load8(xr + j, v);
+        v -= c;
+        if constexpr (Square) v *= v;
+        a += v;
+        std::memcpy(acc + j, &a, sizeof a);
+      }
+      for (std::int64_t j = eights; j < width; ++j) acc[j] += term(conv::to_double(xr[j]), center[j]);
+    }
+  }
+#else
+  (void)one_row;  // without GCC vectors there is one loop
+#endif
   for (; r + rows_at_once <= rows; r += rows_at_once) {
     const T* __restrict x0 = x + r * stride;
     const T* __restrict x1 = x0 + stride;
@@ -684,9 +707,13 @@ Welford<double> plane_range_moments(const Geometry& g, const T* x, std::int64_t 
 }
 
 /// Moments of positions [c0, c0 + width) over rows [r0, r1), rows layout, merged into @p out.
+/// @p streaming (x larger than the caches): a chunk's first pass, the one that reads it from
+/// memory, goes a row at a time (add_row_deviations), one sequential stream instead of four
+/// interleaved: 1.16× faster on an NHWC (8, 256, 56, 56) float tensor, 1.2× slower on data in
+/// cache (AVX-512, measured). The second pass reads the chunk from L2, four rows at once.
 template <class T>
 void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::int64_t r0, std::int64_t r1,
-                       std::int64_t c0, std::int64_t width, Welford<double>* out) {
+                       std::int64_t c0, std::int64_t width, bool streaming, Welford<double>* out) {
   using conv = convert<T>;
   const std::int64_t W = g.width;
   const std::int64_t L = t.lanes(width);
@@ -695,13 +722,14 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
   const std::int64_t chunk_rows = std::max<std::int64_t>(t.group, row_chunk_elements / width);
   auto pass = [&](std::int64_t a, std::int64_t b, auto square) {
     constexpr bool Square = decltype(square)::value;
+    const bool one_row = streaming && !Square;
     std::fill(acc, acc + L, 0.0);
     if (t.group > 1)  // width == W: the rows are contiguous
       for_lane_rows(b - a, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
-        add_row_deviations<Square>(x + (a + first) * W, count, lanes, lanes, center, acc);
+        add_row_deviations<Square>(x + (a + first) * W, count, lanes, lanes, center, acc, one_row);
       });
     else
-      add_row_deviations<Square>(x + a * W + c0, b - a, width, W, center, acc);
+      add_row_deviations<Square>(x + a * W + c0, b - a, width, W, center, acc, one_row);
   };
   // The block's running (mean, M2) per position, merged chunk by chunk; every position has the
   // same count, so the merge runs without count branches over all positions (vectorized).
@@ -788,11 +816,12 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
   const RowTiling t(g.rows, g.width);
   Welford<double>* partial = scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   std::fill(partial, partial + t.row_blocks * g.width, Welford<double>{});
+  const bool streaming = numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
   parallel_for(t.row_blocks * t.column_blocks, numel, [&](std::int64_t i) {
     const std::int64_t rb = i / t.column_blocks, cb = i % t.column_blocks;
     const std::int64_t r0 = rb * t.rows_per_block, r1 = std::min(g.rows, r0 + t.rows_per_block);
     const std::int64_t c0 = cb * t.block_width, width = std::min(g.width - c0, t.block_width);
-    row_block_moments(g, t, x, r0, r1, c0, width, partial + rb * g.width + c0);
+    row_block_moments(g, t, x, r0, r1, c0, width, streaming, partial + rb * g.width + c0);
   });
   for (std::int64_t j = 0; j < g.width; ++j) {
     Welford<double> w;
