@@ -548,14 +548,55 @@ void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t w
     for (std::int64_t j = 0; j < width; ++j) acc[j] += term(conv::to_double(x[r * stride + j]), center[j]);
 }
 
-/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) over rows (g the upstream gradient).
+/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) over rows (g the upstream gradient). @p one_row: a
+/// row at a time, eight lanes at a time (tensors that stream from memory, as add_row_deviations);
+/// otherwise four rows at once. The two sum in different orders.
 template <bool Relu, class T>
 void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y, std::int64_t rows,
                            std::int64_t width, std::int64_t stride, const double* __restrict mean,
-                           double* __restrict s_dy, double* __restrict s_dy_xmu, double* __restrict s_xmu) {
+                           double* __restrict s_dy, double* __restrict s_dy_xmu, double* __restrict s_xmu,
+                           bool one_row) {
   using conv = convert<T>;
   static_assert(rows_at_once == 4, "the loop below is written out for four rows");
   std::int64_t r = 0;
+#if defined(BATCHNORM_CPU_EIGHT)
+  if (loads_eight<T> && one_row) {
+    const std::int64_t eights = width / 8 * 8;
+    for (; r < rows; ++r) {
+      const std::int64_t o = r * stride;
+      for (std::int64_t j = 0; j < eights; j += 8) {
+        double8 g, d, m, a, b, c;
+        load8(dy + o + j, g);
+        if constexpr (Relu) {
+          double8 yv;
+          load8(y + o + j, yv);
+          apply_relu_backward(g, yv);
+        }
+        load8(x + o + j, d);
+        load8(mean + j, m);
+        d -= m;
+        load8(s_dy + j, a);
+        load8(s_dy_xmu + j, b);
+        load8(s_xmu + j, c);
+        a += g;
+        b += g * d;
+        c += d;
+        std::memcpy(s_dy + j, &a, sizeof a);
+        std::memcpy(s_dy_xmu + j, &b, sizeof b);
+        std::memcpy(s_xmu + j, &c, sizeof c);
+      }
+      for (std::int64_t j = eights; j < width; ++j) {
+        const double g = upstream<Relu>(dy, y, o + j);
+        const double xmu = conv::to_double(x[o + j]) - mean[j];
+        s_dy[j] += g;
+        s_dy_xmu[j] += g * xmu;
+        s_xmu[j] += xmu;
+      }
+    }
+  }
+#else
+  (void)one_row;  // without GCC vectors there is one loop
+#endif
   for (; r + rows_at_once <= rows; r += rows_at_once) {
     const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
     for (std::int64_t j = 0; j < width; ++j) {
@@ -966,6 +1007,7 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
     }
     const RowTiling t(g.rows, g.width);
     const std::int64_t W = g.width;
+    const bool streaming = numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
     double* center = scratch<double>(Scratch::lanes, W);
     for (std::int64_t j = 0; j < W; ++j) center[j] = mean[g.feature_at(j)];
     BackwardSums<double>* partial = scratch<BackwardSums<double>>(Scratch::partial, t.row_blocks * W);
@@ -982,11 +1024,13 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
       if (t.group > 1) {  // width == W: the rows are contiguous
         for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
           const std::int64_t o = (r0 + first) * W;
-          add_row_gradient_sums<Relu>(x + o, dy + o, Relu ? y + o : nullptr, count, lanes, lanes, lane_mean, a, b, d);
+          add_row_gradient_sums<Relu>(x + o, dy + o, Relu ? y + o : nullptr, count, lanes, lanes, lane_mean, a, b, d,
+                                      streaming);
         });
       } else {
         const std::int64_t o = r0 * W + c0;
-        add_row_gradient_sums<Relu>(x + o, dy + o, Relu ? y + o : nullptr, r1 - r0, width, W, lane_mean, a, b, d);
+        add_row_gradient_sums<Relu>(x + o, dy + o, Relu ? y + o : nullptr, r1 - r0, width, W, lane_mean, a, b, d,
+                                    streaming);
       }
       for (std::int64_t j = 0; j < width; ++j) {
         BackwardSums<double> s{a[j], b[j], d[j]};
