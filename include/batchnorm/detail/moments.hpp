@@ -45,10 +45,6 @@ struct Welford {
 };
 
 /**
- * @brief Chan et al.'s pairwise merge of two partial results; exact in real arithmetic,
- *        associative up to rounding, and safe when either side is empty.
- */
-/**
  * @brief merge()'s arithmetic for two non-empty sides, in place on side a's (@p mean, @p m2),
  *        given a's count and b's share of the total, count_b / (count_a + count_b). Split out
  *        so that a loop over many features with the same counts (the CPU rows statistics) runs
@@ -61,6 +57,10 @@ BN_HOST_DEVICE void merge_nonempty(Acc& mean, Acc& m2, Acc mean_b, Acc m2_b, Acc
   m2 = m2 + m2_b + delta * delta * count_a * b_share;
 }
 
+/**
+ * @brief Chan et al.'s pairwise merge of two partial results; exact in real arithmetic,
+ *        associative up to rounding, and safe when either side is empty.
+ */
 template <class Acc>
 BN_HOST_DEVICE Welford<Acc> merge(const Welford<Acc>& a, const Welford<Acc>& b) {
   if (a.count == 0) return b;

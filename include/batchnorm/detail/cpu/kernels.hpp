@@ -14,15 +14,19 @@
  *  - independent accumulators: a plane reduction keeps 32 lanes (16 for the three gradient
  *    sums), added pairwise in a fixed order at the end, so no add waits for the previous one;
  *  - the rows loops handle four rows at once (rows_at_once): a lane's center, coefficients and
- *    accumulators are loaded once per four rows, which is what bounded them;
+ *    accumulators are loaded once per four rows, which is what bounded them on data in cache;
+ *  - rows tensors larger than the caches (streaming_bytes) take loops that read a row at a time,
+ *    one sequential stream per buffer, written with GCC vectors of eight doubles (double8):
+ *    four interleaved rows ran at 1.5–1.8× the time of a copy there;
  *  - fusion per NCHW channel while it is in L2: training forward (statistics, then normalize)
  *    and backward (gradient sums, then input gradient) read their inputs from memory once;
  *  - inner loops without branches (relu, residual, null outputs are template parameters),
  *    compiled for the widest instruction set available (see run_vectorized);
  *  - no allocation in a steady state (scratch()).
  *
- * Determinism: a reduction is split into tasks and chunks whose bounds depend only on the shape
- * and the element size, never on the thread count; each task's partial result has its own slot,
+ * Determinism: a reduction is split into tasks and chunks whose bounds (and, for rows, the
+ * choice of the streaming loops) depend only on the shape and the element size, never on the
+ * thread count; each task's partial result has its own slot,
  * and the slots are combined in task order. So the same input gives the same bits for any number
  * of OpenMP threads (and without OpenMP). Threads only decide who computes which slot.
  *
@@ -345,13 +349,12 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define BATCHNORM_CPU_EIGHT 1
 /**
- * Eight doubles as a GCC / clang vector. The float and double rows loops that write an output
- * are written with it (load8 / store8), one row at a time: GCC then loads eight floats and widens
- * them in one instruction. Its own vectorization of the scalar loop loads sixteen floats at full
- * width and splits them, and the four-row loop interleaves eight memory streams; on NHWC tensors
- * larger than the caches that ran at 1.5–1.8× the time of a copy, this at 1.1× (AVX-512,
- * measured). The vector type is lowered to SSE2 pairs, AVX2 or AVX-512 by the instruction set in
- * use; each operation is the scalar IEEE one per lane, so the bits are those of the scalar loop.
+ * Eight doubles as a GCC / clang vector: the streaming rows loops of float and double tensors
+ * (see for_eight_lanes) are written with it (load8 / store8), so that GCC loads eight floats and
+ * widens them in one instruction, where its own vectorization of a scalar loop loads sixteen at
+ * full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by the
+ * instruction set in use; each operation is the scalar IEEE one per lane, so an element-wise
+ * loop gives the bits of the scalar formula.
  */
 using double8 = double __attribute__((vector_size(8 * sizeof(double))));
 template <class T>
@@ -459,12 +462,19 @@ void for_lane_rows(std::int64_t rows, std::int64_t W, std::int64_t group, F&& f)
 /// coefficient arrays (at most five of 512 doubles, 20 KiB) stay in L1 across rows.
 inline constexpr std::int64_t elementwise_block_lanes = 512;
 
-/// Element-wise rows passes over more than this many bytes of x (8 MiB) take the streaming loop
-/// (for_eight_lanes): x then comes from memory rather than from the caches. Tests lower it to
-/// run that loop on small tensors; both loops give the same bits.
+/// Rows passes over tensors of more than this many bytes of x (8 MiB) take the streaming loops
+/// (for_eight_lanes, and the one_row reductions): x then comes from memory rather than from the
+/// caches. Tests lower it to run those loops on small tensors. The element-wise streaming loops
+/// give the same bits as the in-cache ones; the streaming reductions sum in another order.
 inline std::atomic<std::int64_t>& streaming_bytes() {
   static std::atomic<std::int64_t> bytes{std::int64_t{8} << 20};
   return bytes;
+}
+
+/// Whether a rows pass over @p numel values of T takes the streaming loops (streaming_bytes).
+template <class T>
+bool streams_from_memory(std::int64_t numel) {
+  return numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
 }
 
 #if defined(BATCHNORM_CPU_EIGHT)
@@ -525,7 +535,7 @@ void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t w
         v -= c;
         if constexpr (Square) v *= v;
         a += v;
-        std::memcpy(acc + j, &a, sizeof a);
+        store8(acc + j, a);
       }
       for (std::int64_t j = eights; j < width; ++j) acc[j] += term(conv::to_double(xr[j]), center[j]);
     }
@@ -581,9 +591,9 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
         a += g;
         b += g * d;
         c += d;
-        std::memcpy(s_dy + j, &a, sizeof a);
-        std::memcpy(s_dy_xmu + j, &b, sizeof b);
-        std::memcpy(s_xmu + j, &c, sizeof c);
+        store8(s_dy + j, a);
+        store8(s_dy_xmu + j, b);
+        store8(s_xmu + j, c);
       }
       for (std::int64_t j = eights; j < width; ++j) {
         const double g = upstream<Relu>(dy, y, o + j);
@@ -857,7 +867,7 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
   const RowTiling t(g.rows, g.width);
   Welford<double>* partial = scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   std::fill(partial, partial + t.row_blocks * g.width, Welford<double>{});
-  const bool streaming = numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
+  const bool streaming = streams_from_memory<T>(numel);
   parallel_for(t.row_blocks * t.column_blocks, numel, [&](std::int64_t i) {
     const std::int64_t rb = i / t.column_blocks, cb = i % t.column_blocks;
     const std::int64_t r0 = rb * t.rows_per_block, r1 = std::min(g.rows, r0 + t.rows_per_block);
@@ -926,7 +936,7 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
   }
   const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
   const std::int64_t pieces = (g.rows + piece - 1) / piece;
-  const bool streaming = numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
+  const bool streaming = streams_from_memory<T>(numel);
   with_flag(residual != nullptr, [&](auto res) {
     with_flag(relu_on, [&](auto rl) {
       parallel_for(pieces, numel, [&](std::int64_t p) {
@@ -1007,7 +1017,7 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
     }
     const RowTiling t(g.rows, g.width);
     const std::int64_t W = g.width;
-    const bool streaming = numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
+    const bool streaming = streams_from_memory<T>(numel);
     double* center = scratch<double>(Scratch::lanes, W);
     for (std::int64_t j = 0; j < W; ++j) center[j] = mean[g.feature_at(j)];
     BackwardSums<double>* partial = scratch<BackwardSums<double>>(Scratch::partial, t.row_blocks * W);
@@ -1060,8 +1070,8 @@ inline void input_gradient_at(const T* x, const T* dy, const T* y, T* dx, T* dre
   const double g = upstream<Relu>(dy, y, i);
   if constexpr (Dres) dresidual[i] = conv::from_double(g);
   if constexpr (Dx) {
-    const double xv = Training ? conv::to_double(x[i]) : 0.0;
-    double v;
+    double xv = 0.0, v;
+    if constexpr (Training) xv = conv::to_double(x[i]);
     input_gradient_value<Training>(v, g, xv, mean, shift, dy_scale, xmu_scale, constant);
     dx[i] = conv::from_double(v);
   }
@@ -1210,7 +1220,7 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
     }
     const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
     const std::int64_t pieces = (g.rows + piece - 1) / piece;
-    const bool streaming = numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
+    const bool streaming = streams_from_memory<T>(numel);
     parallel_for(pieces, numel, [&](std::int64_t p) {
       const std::int64_t r0 = p * piece, r1 = std::min(g.rows, r0 + piece);
       for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t width) {
