@@ -523,21 +523,23 @@ void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t w
   };
   std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
-  if (loads_eight<T> && one_row) {
-    const std::int64_t eights = width / 8 * 8;
-    for (; r < rows; ++r) {
-      const T* xr = x + r * stride;
-      for (std::int64_t j = 0; j < eights; j += 8) {
-        double8 c, a, v;
-        load8(center + j, c);
-        load8(acc + j, a);
-        load8(xr + j, v);
-        v -= c;
-        if constexpr (Square) v *= v;
-        a += v;
-        store8(acc + j, a);
+  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+    if (one_row) {
+      const std::int64_t eights = width / 8 * 8;
+      for (; r < rows; ++r) {
+        const T* xr = x + r * stride;
+        for (std::int64_t j = 0; j < eights; j += 8) {
+          double8 c, a, v;
+          load8(center + j, c);
+          load8(acc + j, a);
+          load8(xr + j, v);
+          v -= c;
+          if constexpr (Square) v *= v;
+          a += v;
+          store8(acc + j, a);
+        }
+        for (std::int64_t j = eights; j < width; ++j) acc[j] += term(conv::to_double(xr[j]), center[j]);
       }
-      for (std::int64_t j = eights; j < width; ++j) acc[j] += term(conv::to_double(xr[j]), center[j]);
     }
   }
 #else
@@ -570,37 +572,39 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
   static_assert(rows_at_once == 4, "the loop below is written out for four rows");
   std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
-  if (loads_eight<T> && one_row) {
-    const std::int64_t eights = width / 8 * 8;
-    for (; r < rows; ++r) {
-      const std::int64_t o = r * stride;
-      for (std::int64_t j = 0; j < eights; j += 8) {
-        double8 g, d, m, a, b, c;
-        load8(dy + o + j, g);
-        if constexpr (Relu) {
-          double8 yv;
-          load8(y + o + j, yv);
-          apply_relu_backward(g, yv);
+  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+    if (one_row) {
+      const std::int64_t eights = width / 8 * 8;
+      for (; r < rows; ++r) {
+        const std::int64_t o = r * stride;
+        for (std::int64_t j = 0; j < eights; j += 8) {
+          double8 g, d, m, a, b, c;
+          load8(dy + o + j, g);
+          if constexpr (Relu) {
+            double8 yv;
+            load8(y + o + j, yv);
+            apply_relu_backward(g, yv);
+          }
+          load8(x + o + j, d);
+          load8(mean + j, m);
+          d -= m;
+          load8(s_dy + j, a);
+          load8(s_dy_xmu + j, b);
+          load8(s_xmu + j, c);
+          a += g;
+          b += g * d;
+          c += d;
+          store8(s_dy + j, a);
+          store8(s_dy_xmu + j, b);
+          store8(s_xmu + j, c);
         }
-        load8(x + o + j, d);
-        load8(mean + j, m);
-        d -= m;
-        load8(s_dy + j, a);
-        load8(s_dy_xmu + j, b);
-        load8(s_xmu + j, c);
-        a += g;
-        b += g * d;
-        c += d;
-        store8(s_dy + j, a);
-        store8(s_dy_xmu + j, b);
-        store8(s_xmu + j, c);
-      }
-      for (std::int64_t j = eights; j < width; ++j) {
-        const double g = upstream<Relu>(dy, y, o + j);
-        const double xmu = conv::to_double(x[o + j]) - mean[j];
-        s_dy[j] += g;
-        s_dy_xmu[j] += g * xmu;
-        s_xmu[j] += xmu;
+        for (std::int64_t j = eights; j < width; ++j) {
+          const double g = upstream<Relu>(dy, y, o + j);
+          const double xmu = conv::to_double(x[o + j]) - mean[j];
+          s_dy[j] += g;
+          s_dy_xmu[j] += g * xmu;
+          s_xmu[j] += xmu;
+        }
       }
     }
   }
@@ -670,30 +674,32 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
                     const double* mean, const double* scale, const double* bias, bool streaming) {
   (void)streaming;  // without GCC vectors there is one loop
 #if defined(BATCHNORM_CPU_EIGHT)
-  if (loads_eight<T> && streaming) {
-    // Each eight values read before any is written (so in place too).
-    struct Coefficients {
-      double8 mean, scale, bias;
-    };
-    for_eight_lanes<Coefficients>(
-        rows, width,
-        [&](std::int64_t j, Coefficients& k) {
-          load8(mean + j, k.mean);
-          load8(scale + j, k.scale);
-          load8(bias + j, k.bias);
-        },
-        [&](std::int64_t r, std::int64_t j, const Coefficients& k) {
-          const std::int64_t i = r * stride + j;
-          double8 v, res{};
-          load8(x + i, v);
-          if constexpr (Residual) load8(residual + i, res);
-          normalize_value<Residual, Relu>(v, res, k.mean, k.scale, k.bias);
-          store8(y + i, v);
-        },
-        [&](std::int64_t r, std::int64_t j) {
-          normalize_at<Residual, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
-        });
-    return;
+  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+    if (streaming) {
+      // Each eight values read before any is written (so in place too).
+      struct Coefficients {
+        double8 mean, scale, bias;
+      };
+      for_eight_lanes<Coefficients>(
+          rows, width,
+          [&](std::int64_t j, Coefficients& k) {
+            load8(mean + j, k.mean);
+            load8(scale + j, k.scale);
+            load8(bias + j, k.bias);
+          },
+          [&](std::int64_t r, std::int64_t j, const Coefficients& k) {
+            const std::int64_t i = r * stride + j;
+            double8 v, res{};
+            load8(x + i, v);
+            if constexpr (Residual) load8(residual + i, res);
+            normalize_value<Residual, Relu>(v, res, k.mean, k.scale, k.bias);
+            store8(y + i, v);
+          },
+          [&](std::int64_t r, std::int64_t j) {
+            normalize_at<Residual, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
+          });
+      return;
+    }
   }
 #endif
   std::int64_t r = 0;
@@ -1116,43 +1122,45 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
                          const double* dy_scale, const double* xmu_scale, const double* constant, bool streaming) {
   (void)streaming;  // without GCC vectors there is one loop
 #if defined(BATCHNORM_CPU_EIGHT)
-  if (loads_eight<T> && streaming) {
-    // Each eight values read before any is written (so in place too).
-    struct Coefficients {
-      double8 mean, shift, dy_scale, xmu_scale, constant;
-    };
-    for_eight_lanes<Coefficients>(
-        rows, width,
-        [&](std::int64_t j, Coefficients& k) {
-          load8(dy_scale + j, k.dy_scale);
-          if constexpr (Training) {
-            load8(mean + j, k.mean);
-            load8(shift + j, k.shift);
-            load8(xmu_scale + j, k.xmu_scale);
-            load8(constant + j, k.constant);
-          }
-        },
-        [&](std::int64_t r, std::int64_t j, const Coefficients& k) {
-          const std::int64_t i = r * stride + j;
-          double8 g, out, xv{};
-          load8(dy + i, g);
-          if constexpr (Relu) {
-            double8 yv;
-            load8(y + i, yv);
-            apply_relu_backward(g, yv);
-          }
-          if constexpr (Dx) {
-            if constexpr (Training) load8(x + i, xv);
-            input_gradient_value<Training>(out, g, xv, k.mean, k.shift, k.dy_scale, k.xmu_scale, k.constant);
-          }
-          if constexpr (Dres) store8(dresidual + i, g);
-          if constexpr (Dx) store8(dx + i, out);
-        },
-        [&](std::int64_t r, std::int64_t j) {
-          input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, r * stride + j, mean[j], shift[j],
-                                                      dy_scale[j], xmu_scale[j], constant[j]);
-        });
-    return;
+  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+    if (streaming) {
+      // Each eight values read before any is written (so in place too).
+      struct Coefficients {
+        double8 mean, shift, dy_scale, xmu_scale, constant;
+      };
+      for_eight_lanes<Coefficients>(
+          rows, width,
+          [&](std::int64_t j, Coefficients& k) {
+            load8(dy_scale + j, k.dy_scale);
+            if constexpr (Training) {
+              load8(mean + j, k.mean);
+              load8(shift + j, k.shift);
+              load8(xmu_scale + j, k.xmu_scale);
+              load8(constant + j, k.constant);
+            }
+          },
+          [&](std::int64_t r, std::int64_t j, const Coefficients& k) {
+            const std::int64_t i = r * stride + j;
+            double8 g, out, xv{};
+            load8(dy + i, g);
+            if constexpr (Relu) {
+              double8 yv;
+              load8(y + i, yv);
+              apply_relu_backward(g, yv);
+            }
+            if constexpr (Dx) {
+              if constexpr (Training) load8(x + i, xv);
+              input_gradient_value<Training>(out, g, xv, k.mean, k.shift, k.dy_scale, k.xmu_scale, k.constant);
+            }
+            if constexpr (Dres) store8(dresidual + i, g);
+            if constexpr (Dx) store8(dx + i, out);
+          },
+          [&](std::int64_t r, std::int64_t j) {
+            input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, r * stride + j, mean[j], shift[j],
+                                                        dy_scale[j], xmu_scale[j], constant[j]);
+          });
+      return;
+    }
   }
 #endif
   std::int64_t r = 0;
