@@ -3,7 +3,9 @@
 // (split into tasks), (N, C) rows narrow and wide (column blocks), NHWC, per-activation in both
 // layouts, relu / residual / dx / dresidual combinations, odd sizes, one sample, empty batches;
 // the same bits for 1, 2, 3 and 7 OpenMP threads, for every instruction set the loops are
-// compiled for, and in place; constant features give exactly the bias.
+// compiled for, in place, and (element-wise passes) in either layout; constant features give
+// exactly the bias. The rows loops that tensors over 8 MiB take (streaming) run on the same
+// cases, forced.
 #include <batchnorm/batchnorm.hpp>
 #include <batchnorm/phases.hpp>
 #include <gtest/gtest.h>
@@ -151,6 +153,20 @@ int max_threads() {
 #endif
 }
 
+/// Runs @p body with the loops the sizes here choose (in cache) and again with the streaming loops
+/// that tensors over 8 MiB take (detail::cpu_impl::streaming_bytes lowered to 0).
+template <class Body>
+void for_each_loop_family(Body&& body) {
+  namespace ci = batchnorm::detail::cpu_impl;
+  const std::int64_t before = ci::streaming_bytes().load();
+  for (const std::int64_t bytes : {before, std::int64_t{0}}) {
+    ci::streaming_bytes() = bytes;
+    SCOPED_TRACE(bytes == 0 ? "streaming loops" : "in-cache loops");
+    body();
+  }
+  ci::streaming_bytes() = before;
+}
+
 template <class T>
 class CpuPaths : public ::testing::Test {};
 using Types = ::testing::Types<float, double>;
@@ -160,193 +176,278 @@ TYPED_TEST_SUITE(CpuPaths, Types);
 // residual / dx / dresidual combination.
 TYPED_TEST(CpuPaths, MatchTheReference) {
   using T = TypeParam;
-  const double tol = sizeof(T) == 4 ? 2e-6 : 1e-11;  // float: output rounding (0.5 ulp) dominates
-  for (const PathCase& k : path_cases()) {
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 31, 100.0, 3.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 32));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 33));
-    const auto w = bnref::cast<T>(bnref::normal(F, 34, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 35));
-    for (int combo = 0; combo < 4; ++combo) {
-      const bool relu = combo & 1, residual = combo & 2;
-      SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
-      const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, residual, true, combo != 3);
+  for_each_loop_family([&] {
+    const double tol = sizeof(T) == 4 ? 2e-6 : 1e-11;  // float: output rounding (0.5 ulp) dominates
+    for (const PathCase& k : path_cases()) {
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 31, 100.0, 3.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 32));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 33));
+      const auto w = bnref::cast<T>(bnref::normal(F, 34, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 35));
+      for (int combo = 0; combo < 4; ++combo) {
+        const bool relu = combo & 1, residual = combo & 2;
+        SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
+        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, residual, true, combo != 3);
 
-      bnref::Params p;
-      p.weight = bnref::widen(w);
-      p.bias = bnref::widen(b);
-      p.running_mean.assign(F, 0.5);
-      p.running_var.assign(F, 2.0);
-      bnref::ForwardSettings s;
-      s.mode = k.mode;
-      s.relu = relu;
-      const auto ref = bnref::forward(shape, bnref::widen(x), p, s, residual ? bnref::widen(z) : std::vector<double>{});
-      EXPECT_LE(bnref::max_rel_error(r.y, ref.y), tol);
-      EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), tol);
-      EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), tol);
-      EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), tol);
-      EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), tol);
-      // The local statistics record: count, mean, M2 (double, no output rounding).
-      for (std::int64_t f = 0; f < F; ++f) {
-        const double n = r.statistics[0];
-        ASSERT_EQ(n, static_cast<double>(batchnorm::reduction_count(shape, k.mode)));
-        EXPECT_NEAR(r.statistics[1 + f], ref.mean[f], 1e-12 * std::abs(ref.mean[f]));
-        EXPECT_NEAR(r.statistics[1 + F + f] / n, ref.batch_var[f], 1e-11 * ref.batch_var[f]);
+        bnref::Params p;
+        p.weight = bnref::widen(w);
+        p.bias = bnref::widen(b);
+        p.running_mean.assign(F, 0.5);
+        p.running_var.assign(F, 2.0);
+        bnref::ForwardSettings s;
+        s.mode = k.mode;
+        s.relu = relu;
+        const auto ref = bnref::forward(shape, bnref::widen(x), p, s, residual ? bnref::widen(z) : std::vector<double>{});
+        EXPECT_LE(bnref::max_rel_error(r.y, ref.y), tol);
+        EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), tol);
+        EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), tol);
+        EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), tol);
+        EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), tol);
+        // The local statistics record: count, mean, M2 (double, no output rounding).
+        for (std::int64_t f = 0; f < F; ++f) {
+          const double n = r.statistics[0];
+          ASSERT_EQ(n, static_cast<double>(batchnorm::reduction_count(shape, k.mode)));
+          EXPECT_NEAR(r.statistics[1 + f], ref.mean[f], 1e-12 * std::abs(ref.mean[f]));
+          EXPECT_NEAR(r.statistics[1 + F + f] / n, ref.batch_var[f], 1e-11 * ref.batch_var[f]);
+        }
+
+        // Backward with the invstd forward saved (rounded to T) and the exact mean (backward
+        // corrects the saved mean's rounding with Σ(x − saved mean)), y as the relu mask.
+        bnref::ForwardResult saved = ref;
+        saved.invstd = bnref::widen(r.save_invstd);
+        saved.y = bnref::widen(r.y);
+        const auto bref = bnref::backward(shape, bnref::widen(x), bnref::widen(dy), p, saved, k.mode, relu);
+        const double btol = sizeof(T) == 4 ? 2e-5 : 1e-10;
+        EXPECT_LE(bnref::max_rel_error(r.dx, bref.dx), btol);
+        EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), btol);
+        EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), btol);
+        if (combo != 3) EXPECT_LE(bnref::max_rel_error(r.dresidual, bref.dz), 0.0);
+        else EXPECT_EQ(r.dresidual, std::vector<T>(numel, T(0)));  // not requested: untouched
       }
-
-      // Backward with the invstd forward saved (rounded to T) and the exact mean (backward
-      // corrects the saved mean's rounding with Σ(x − saved mean)), y as the relu mask.
-      bnref::ForwardResult saved = ref;
-      saved.invstd = bnref::widen(r.save_invstd);
-      saved.y = bnref::widen(r.y);
-      const auto bref = bnref::backward(shape, bnref::widen(x), bnref::widen(dy), p, saved, k.mode, relu);
-      const double btol = sizeof(T) == 4 ? 2e-5 : 1e-10;
-      EXPECT_LE(bnref::max_rel_error(r.dx, bref.dx), btol);
-      EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), btol);
-      EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), btol);
-      if (combo != 3) EXPECT_LE(bnref::max_rel_error(r.dresidual, bref.dz), 0.0);
-      else EXPECT_EQ(r.dresidual, std::vector<T>(numel, T(0)));  // not requested: untouched
     }
-  }
+  });
 }
 
 // The same bits for 1, 2, 3 and 7 threads (fixed partition of every reduction, fixed order).
 TYPED_TEST(CpuPaths, SameBitsForAnyThreadCount) {
   using T = TypeParam;
-  const int before = max_threads();
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 41, -7.0, 5.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 42));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 43));
-    const auto w = bnref::cast<T>(bnref::normal(F, 44, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 45));
-    set_threads(1);
-    const Outputs<T> one = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-    for (int threads : {2, 3, 7}) {
-      set_threads(threads);
-      const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-      expect_same_outputs(r, one, std::to_string(threads) + " threads: ");
+  for_each_loop_family([&] {
+    const int before = max_threads();
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 41, -7.0, 5.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 42));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 43));
+      const auto w = bnref::cast<T>(bnref::normal(F, 44, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 45));
+      set_threads(1);
+      const Outputs<T> one = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+      for (int threads : {2, 3, 7}) {
+        set_threads(threads);
+        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+        expect_same_outputs(r, one, std::to_string(threads) + " threads: ");
+      }
     }
-  }
-  set_threads(before);
+    set_threads(before);
+  });
 }
 
 // The same bits from every instruction set the loops are compiled for (baseline x86-64, AVX2,
 // AVX-512 where the processor has them): lanes are explicit and nothing is contracted into FMA.
 TYPED_TEST(CpuPaths, SameBitsForEveryIsa) {
   using T = TypeParam;
-  namespace ci = batchnorm::detail::cpu_impl;
-  const int best = static_cast<int>(ci::best_isa()), before = ci::isa_in_use().load();
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 51, 3.0, 2.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 52));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 53));
-    const auto w = bnref::cast<T>(bnref::normal(F, 54, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 55));
-    ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
-    for (const bool relu : {false, true}) {
-      const Outputs<T> base = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
-      for (int isa = 1; isa <= best; ++isa) {
-        ci::isa_in_use() = isa;
-        const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
-        ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
-        expect_same_outputs(r, base, "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
+  for_each_loop_family([&] {
+    namespace ci = batchnorm::detail::cpu_impl;
+    const int best = static_cast<int>(ci::best_isa()), before = ci::isa_in_use().load();
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 51, 3.0, 2.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 52));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 53));
+      const auto w = bnref::cast<T>(bnref::normal(F, 54, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 55));
+      ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
+      for (const bool relu : {false, true}) {
+        const Outputs<T> base = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+        for (int isa = 1; isa <= best; ++isa) {
+          ci::isa_in_use() = isa;
+          const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
+          ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
+          expect_same_outputs(r, base, "isa " + std::to_string(isa) + (relu ? " relu+residual: " : ": "));
+        }
       }
     }
-  }
-  ci::isa_in_use() = before;
+    ci::isa_in_use() = before;
+  });
 }
 
 // In place (y = x, y = residual; dx = dy, dresidual = dy) gives the same bits as
 // separate buffers, in every path (the rows loops take another loop when buffers coincide).
 TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
   using T = TypeParam;
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 71, 3.0, 2.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 72));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 73));
-    const auto w = bnref::cast<T>(bnref::normal(F, 74, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 75));
-    // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
-    const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-    std::vector<T> mean(F), invstd(F);
-    for (const bool onto_residual : {false, true}) {
-      std::vector<T> buf = onto_residual ? z : x, rm(F, T(0.5)), rv(F, T(2));
-      batchnorm::ForwardArgs<T> fa;
-      fa.x = onto_residual ? x.data() : buf.data();
-      fa.residual = onto_residual ? buf.data() : z.data();
-      fa.y = buf.data();
-      fa.weight = {w.data(), F};
-      fa.bias = {b.data(), F};
-      fa.running_mean = rm;
-      fa.running_var = rv;
-      fa.save_mean = mean;
-      fa.save_invstd = invstd;
-      batchnorm::ForwardConfig fc;
-      fc.mode = k.mode;
-      fc.activation = Activation::relu;
-      batchnorm::forward(cpu{}, shape, fa, fc);
-      expect_same_bits(buf, sep.y, onto_residual ? "y = residual" : "y = x");
+  for_each_loop_family([&] {
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 71, 3.0, 2.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 72));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 73));
+      const auto w = bnref::cast<T>(bnref::normal(F, 74, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 75));
+      // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
+      const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
+      std::vector<T> mean(F), invstd(F);
+      for (const bool onto_residual : {false, true}) {
+        std::vector<T> buf = onto_residual ? z : x, rm(F, T(0.5)), rv(F, T(2));
+        batchnorm::ForwardArgs<T> fa;
+        fa.x = onto_residual ? x.data() : buf.data();
+        fa.residual = onto_residual ? buf.data() : z.data();
+        fa.y = buf.data();
+        fa.weight = {w.data(), F};
+        fa.bias = {b.data(), F};
+        fa.running_mean = rm;
+        fa.running_var = rv;
+        fa.save_mean = mean;
+        fa.save_invstd = invstd;
+        batchnorm::ForwardConfig fc;
+        fc.mode = k.mode;
+        fc.activation = Activation::relu;
+        batchnorm::forward(cpu{}, shape, fa, fc);
+        expect_same_bits(buf, sep.y, onto_residual ? "y = residual" : "y = x");
+      }
+      // Backward: dx onto dy (with dresidual separate), then dresidual onto dy (dx separate).
+      for (const bool dres_onto_dy : {false, true}) {
+        std::vector<T> g = dy, other(numel, T(0)), gw(F, T(0)), gb(F, T(0));
+        batchnorm::BackwardArgs<T> ba;
+        ba.x = x.data();
+        ba.dy = g.data();
+        ba.y = sep.y.data();
+        ba.dx = dres_onto_dy ? other.data() : g.data();
+        ba.dresidual = dres_onto_dy ? g.data() : other.data();
+        ba.weight = {w.data(), F};
+        ba.mean = {sep.save_mean.data(), F};
+        ba.invstd = {sep.save_invstd.data(), F};
+        ba.grad_weight = gw;
+        ba.grad_bias = gb;
+        batchnorm::BackwardConfig bc;
+        bc.mode = k.mode;
+        bc.activation = Activation::relu;
+        batchnorm::backward(cpu{}, shape, ba, bc);
+        expect_same_bits(dres_onto_dy ? other : g, sep.dx, dres_onto_dy ? "dx (dresidual = dy)" : "dx = dy");
+        expect_same_bits(dres_onto_dy ? g : other, sep.dresidual, dres_onto_dy ? "dresidual = dy" : "dresidual (dx = dy)");
+        expect_same_bits(gw, sep.grad_weight, "grad_weight");
+      }
     }
-    // Backward: dx onto dy (with dresidual separate), then dresidual onto dy (dx separate).
-    for (const bool dres_onto_dy : {false, true}) {
-      std::vector<T> g = dy, other(numel, T(0)), gw(F, T(0)), gb(F, T(0));
-      batchnorm::BackwardArgs<T> ba;
-      ba.x = x.data();
-      ba.dy = g.data();
-      ba.y = sep.y.data();
-      ba.dx = dres_onto_dy ? other.data() : g.data();
-      ba.dresidual = dres_onto_dy ? g.data() : other.data();
-      ba.weight = {w.data(), F};
-      ba.mean = {sep.save_mean.data(), F};
-      ba.invstd = {sep.save_invstd.data(), F};
-      ba.grad_weight = gw;
-      ba.grad_bias = gb;
-      batchnorm::BackwardConfig bc;
-      bc.mode = k.mode;
-      bc.activation = Activation::relu;
-      batchnorm::backward(cpu{}, shape, ba, bc);
-      expect_same_bits(dres_onto_dy ? other : g, sep.dx, dres_onto_dy ? "dx (dresidual = dy)" : "dx = dy");
-      expect_same_bits(dres_onto_dy ? g : other, sep.dresidual, dres_onto_dy ? "dresidual = dy" : "dresidual (dx = dy)");
-      expect_same_bits(gw, sep.grad_weight, "grad_weight");
-    }
-  }
+  });
 }
 
 // A constant feature (at an offset, at 1e30) gives exactly the bias and variance 0, in every path.
 TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
   using T = TypeParam;
-  for (const PathCase& k : path_cases()) {
-    SCOPED_TRACE(k.path);
-    const Shape shape = bn_test::make_shape(k.extents, k.layout);
-    const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-    for (double value : {0.1, 12345.678, -1e6 - 0.3, 1e30}) {
-      const std::vector<T> x(numel, static_cast<T>(value));
-      const auto w = bnref::cast<T>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 52));
-      const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
-      const std::int64_t C = shape.channels(), S = shape.spatial();
-      for (std::int64_t i = 0; i < numel; ++i) {
-        const bool last = shape.layout() == Layout::channels_last;
-        const std::int64_t c = last ? i % C : (i / S) % C, s = last ? (i / C) % S : i % S;
-        const std::int64_t f = k.mode == Mode::per_channel ? c : c * S + s;
-        if (r.y[i] != b[f]) {
-          ADD_FAILURE() << "element " << i << " value " << value << ": " << r.y[i] << " != bias " << b[f];
-          break;
+  for_each_loop_family([&] {
+    for (const PathCase& k : path_cases()) {
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      for (double value : {0.1, 12345.678, -1e6 - 0.3, 1e30}) {
+        const std::vector<T> x(numel, static_cast<T>(value));
+        const auto w = bnref::cast<T>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 52));
+        const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
+        const std::int64_t C = shape.channels(), S = shape.spatial();
+        for (std::int64_t i = 0; i < numel; ++i) {
+          const bool last = shape.layout() == Layout::channels_last;
+          const std::int64_t c = last ? i % C : (i / S) % C, s = last ? (i / C) % S : i % S;
+          const std::int64_t f = k.mode == Mode::per_channel ? c : c * S + s;
+          if (r.y[i] != b[f]) {
+            ADD_FAILURE() << "element " << i << " value " << value << ": " << r.y[i] << " != bias " << b[f];
+            break;
+          }
+        }
+        for (std::int64_t f = 0; f < F; ++f) {
+          EXPECT_EQ(r.save_mean[f], static_cast<T>(value));
+          EXPECT_EQ(r.statistics[1 + F + f], 0.0);  // M2
         }
       }
-      for (std::int64_t f = 0; f < F; ++f) {
-        EXPECT_EQ(r.save_mean[f], static_cast<T>(value));
-        EXPECT_EQ(r.statistics[1 + F + f], 0.0);  // M2
+    }
+  });
+}
+
+// The element-wise passes (normalize, input gradient) compute each value with one formula,
+// whichever loop runs it: NCHW planes (scalar loop, one feature's coefficients) and NHWC rows
+// (eight values at a time, per-lane coefficient arrays, a scalar tail) give the same bits for
+// the same normalization and gradient sums. Channel counts 11 and 21 leave a tail after the
+// eights (and 11 is grouped into wider lane rows); 16 leaves none.
+TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
+  using T = TypeParam;
+  namespace phases = batchnorm::phases;
+  namespace ci = batchnorm::detail::cpu_impl;
+  const std::int64_t before = ci::streaming_bytes().load();
+  const std::vector<std::vector<std::int64_t>> extents = {{3, 11, 5, 7}, {2, 16, 9, 9}, {4, 21, 3, 5}};
+  for (const std::int64_t streaming_bytes : {before, std::int64_t{0}})
+  for (const auto& e : extents) {
+    ci::streaming_bytes() = streaming_bytes;
+    const Shape nchw = bn_test::make_shape(e), nhwc = bn_test::make_shape(e, Layout::channels_last);
+    const std::int64_t F = e[1], numel = nchw.numel();
+    const auto x = bnref::cast<T>(bnref::normal(numel, 81, 3.0, 2.0));
+    const auto z = bnref::cast<T>(bnref::normal(numel, 82));
+    const auto dy = bnref::cast<T>(bnref::normal(numel, 83));
+    const auto w = bnref::cast<T>(bnref::normal(F, 84, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 85));
+    std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
+    phases::local_statistics(cpu{}, nchw, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
+    phases::MergeArgs<T> ma;
+    ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
+    ma.normalization = norm;
+    phases::merge_statistics(cpu{}, F, ma, {});
+    for (const bool relu : {false, true}) {
+      SCOPED_TRACE(std::string(streaming_bytes == 0 ? "streaming loops " : "") + "(" + std::to_string(e[0]) + "," + std::to_string(F) + "," + std::to_string(e[2]) + "," +
+                   std::to_string(e[3]) + ")" + (relu ? " relu + residual" : ""));
+      phases::ElementwiseConfig config;
+      config.activation = relu ? Activation::relu : Activation::identity;
+      // y in both layouts, then the input gradient with the planes' gradient sums in both.
+      std::vector<T> y(numel), y_last(numel);
+      const std::vector<T> x_last = bn_test::to_channels_last(x, nchw), z_last = bn_test::to_channels_last(z, nchw);
+      for (const bool last : {false, true}) {
+        phases::NormalizeArgs<T> na;
+        na.x = (last ? x_last : x).data();
+        na.y = (last ? y_last : y).data();
+        na.residual = relu ? (last ? z_last : z).data() : nullptr;
+        na.weight = {w.data(), F};
+        na.bias = {b.data(), F};
+        na.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+        phases::normalize(cpu{}, last ? nhwc : nchw, na, config);
       }
+      expect_same_bits(bn_test::from_channels_last(y_last, nchw), y, "normalize");
+
+      std::vector<double> sums(phases::gradient_sums_size(F));
+      phases::GradientSumsArgs<T> ga;
+      ga.x = x.data();
+      ga.dy = dy.data();
+      ga.y = y.data();
+      ga.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+      ga.gradient_sums = sums;
+      phases::local_gradient_sums(cpu{}, nchw, ga, config);
+      const std::vector<T> dy_last = bn_test::to_channels_last(dy, nchw);
+      std::vector<T> dx(numel), dx_last(numel), dres(numel), dres_last(numel);
+      for (const bool last : {false, true}) {
+        phases::InputGradientArgs<T> ia;
+        ia.x = (last ? x_last : x).data();
+        ia.dy = (last ? dy_last : dy).data();
+        ia.y = (last ? y_last : y).data();
+        ia.dx = (last ? dx_last : dx).data();
+        ia.dresidual = relu ? (last ? dres_last : dres).data() : nullptr;
+        ia.weight = {w.data(), F};
+        ia.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+        ia.gradient_sums = {sums.data(), static_cast<std::int64_t>(sums.size())};
+        phases::input_gradient(cpu{}, last ? nhwc : nchw, ia, config);
+      }
+      expect_same_bits(bn_test::from_channels_last(dx_last, nchw), dx, "input_gradient dx");
+      expect_same_bits(bn_test::from_channels_last(dres_last, nchw), dres, "input_gradient dresidual");
     }
   }
+  ci::streaming_bytes() = before;
 }
 
 // Empty batches (N = 0) leave y untouched and give zero parameter gradients; a tensor with one

@@ -45,6 +45,19 @@ struct Welford {
 };
 
 /**
+ * @brief merge()'s arithmetic for two non-empty sides, in place on side a's (@p mean, @p m2),
+ *        given a's count and b's share of the total, count_b / (count_a + count_b). Split out
+ *        so that a loop over many features with the same counts (the CPU rows statistics) runs
+ *        it without the count branches, vectorized, with the same bits as merge().
+ */
+template <class Acc>
+BN_HOST_DEVICE void merge_nonempty(Acc& mean, Acc& m2, Acc mean_b, Acc m2_b, Acc count_a, Acc b_share) {
+  const Acc delta = mean_b - mean;
+  mean = mean + delta * b_share;
+  m2 = m2 + m2_b + delta * delta * count_a * b_share;
+}
+
+/**
  * @brief Chan et al.'s pairwise merge of two partial results; exact in real arithmetic,
  *        associative up to rounding, and safe when either side is empty.
  */
@@ -52,12 +65,10 @@ template <class Acc>
 BN_HOST_DEVICE Welford<Acc> merge(const Welford<Acc>& a, const Welford<Acc>& b) {
   if (a.count == 0) return b;
   if (b.count == 0) return a;
-  Welford<Acc> r;
+  Welford<Acc> r = a;
   r.count = a.count + b.count;
-  const Acc delta = b.mean - a.mean;
   const Acc b_share = static_cast<Acc>(b.count) / static_cast<Acc>(r.count);
-  r.mean = a.mean + delta * b_share;
-  r.m2 = a.m2 + b.m2 + delta * delta * static_cast<Acc>(a.count) * b_share;
+  merge_nonempty(r.mean, r.m2, b.mean, b.m2, static_cast<Acc>(a.count), b_share);
   return r;
 }
 
@@ -261,17 +272,33 @@ BN_HOST_DEVICE PivotedStats<Acc> finalize_pivoted(const Welford<Acc>& w, const P
   return r;
 }
 
+/// relu as torch.relu, in place: NaN and -0 pass through. Also for GCC vectors (the CPU
+/// backend's eight-value loops), which is why it takes a reference and writes Acc{} for zero.
+template <class Acc>
+BN_HOST_DEVICE void apply_relu(Acc& v) {
+  v = v < Acc{} ? Acc{} : v;
+}
+
 /// relu as torch.relu: NaN and -0 pass through.
 template <class Acc>
 BN_HOST_DEVICE Acc relu(Acc v) {
-  return v < Acc(0) ? Acc(0) : v;
+  apply_relu(v);
+  return v;
+}
+
+/// Gradient through relu from its output y, as PyTorch's threshold_backward, in place on @p g:
+/// zero where y <= 0, g elsewhere (also where y is NaN). Also for GCC vectors, as apply_relu.
+template <class Acc>
+BN_HOST_DEVICE void apply_relu_backward(Acc& g, const Acc& y) {
+  g = y <= Acc{} ? Acc{} : g;
 }
 
 /// Gradient through relu from its output y, as PyTorch's threshold_backward:
 /// zero where y <= 0, dy elsewhere (also where y is NaN).
 template <class Acc>
 BN_HOST_DEVICE Acc relu_backward(Acc dy, Acc y) {
-  return y <= Acc(0) ? Acc(0) : dy;
+  apply_relu_backward(dy, y);
+  return dy;
 }
 
 /**
