@@ -383,71 +383,68 @@ TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
 TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
   using T = TypeParam;
   namespace phases = batchnorm::phases;
-  namespace ci = batchnorm::detail::cpu_impl;
-  const std::int64_t before = ci::streaming_bytes().load();
   const std::vector<std::vector<std::int64_t>> extents = {{3, 11, 5, 7}, {2, 16, 9, 9}, {4, 21, 3, 5}};
-  for (const std::int64_t streaming_bytes : {before, std::int64_t{0}})
-  for (const auto& e : extents) {
-    ci::streaming_bytes() = streaming_bytes;
-    const Shape nchw = bn_test::make_shape(e), nhwc = bn_test::make_shape(e, Layout::channels_last);
-    const std::int64_t F = e[1], numel = nchw.numel();
-    const auto x = bnref::cast<T>(bnref::normal(numel, 81, 3.0, 2.0));
-    const auto z = bnref::cast<T>(bnref::normal(numel, 82));
-    const auto dy = bnref::cast<T>(bnref::normal(numel, 83));
-    const auto w = bnref::cast<T>(bnref::normal(F, 84, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 85));
-    std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
-    phases::local_statistics(cpu{}, nchw, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
-    phases::MergeArgs<T> ma;
-    ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
-    ma.normalization = norm;
-    phases::merge_statistics(cpu{}, F, ma, {});
-    for (const bool relu : {false, true}) {
-      SCOPED_TRACE(std::string(streaming_bytes == 0 ? "streaming loops " : "") + "(" + std::to_string(e[0]) + "," + std::to_string(F) + "," + std::to_string(e[2]) + "," +
-                   std::to_string(e[3]) + ")" + (relu ? " relu + residual" : ""));
-      phases::ElementwiseConfig config;
-      config.activation = relu ? Activation::relu : Activation::identity;
-      // y in both layouts, then the input gradient with the planes' gradient sums in both.
-      std::vector<T> y(numel), y_last(numel);
-      const std::vector<T> x_last = bn_test::to_channels_last(x, nchw), z_last = bn_test::to_channels_last(z, nchw);
-      for (const bool last : {false, true}) {
-        phases::NormalizeArgs<T> na;
-        na.x = (last ? x_last : x).data();
-        na.y = (last ? y_last : y).data();
-        na.residual = relu ? (last ? z_last : z).data() : nullptr;
-        na.weight = {w.data(), F};
-        na.bias = {b.data(), F};
-        na.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
-        phases::normalize(cpu{}, last ? nhwc : nchw, na, config);
-      }
-      expect_same_bits(bn_test::from_channels_last(y_last, nchw), y, "normalize");
+  for_each_loop_family([&] {
+    for (const auto& e : extents) {
+      const Shape nchw = bn_test::make_shape(e), nhwc = bn_test::make_shape(e, Layout::channels_last);
+      const std::int64_t F = e[1], numel = nchw.numel();
+      const auto x = bnref::cast<T>(bnref::normal(numel, 81, 3.0, 2.0));
+      const auto z = bnref::cast<T>(bnref::normal(numel, 82));
+      const auto dy = bnref::cast<T>(bnref::normal(numel, 83));
+      const auto w = bnref::cast<T>(bnref::normal(F, 84, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 85));
+      std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
+      phases::local_statistics(cpu{}, nchw, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
+      phases::MergeArgs<T> ma;
+      ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
+      ma.normalization = norm;
+      phases::merge_statistics(cpu{}, F, ma, {});
+      for (const bool relu : {false, true}) {
+        SCOPED_TRACE("(" + std::to_string(e[0]) + "," + std::to_string(F) + "," + std::to_string(e[2]) + "," +
+                     std::to_string(e[3]) + ")" + (relu ? " relu + residual" : ""));
+        phases::ElementwiseConfig config;
+        config.activation = relu ? Activation::relu : Activation::identity;
+        // y in both layouts, then the input gradient with the planes' gradient sums in both.
+        std::vector<T> y(numel), y_last(numel);
+        const std::vector<T> x_last = bn_test::to_channels_last(x, nchw), z_last = bn_test::to_channels_last(z, nchw);
+        for (const bool last : {false, true}) {
+          phases::NormalizeArgs<T> na;
+          na.x = (last ? x_last : x).data();
+          na.y = (last ? y_last : y).data();
+          na.residual = relu ? (last ? z_last : z).data() : nullptr;
+          na.weight = {w.data(), F};
+          na.bias = {b.data(), F};
+          na.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+          phases::normalize(cpu{}, last ? nhwc : nchw, na, config);
+        }
+        expect_same_bits(bn_test::from_channels_last(y_last, nchw), y, "normalize");
 
-      std::vector<double> sums(phases::gradient_sums_size(F));
-      phases::GradientSumsArgs<T> ga;
-      ga.x = x.data();
-      ga.dy = dy.data();
-      ga.y = y.data();
-      ga.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
-      ga.gradient_sums = sums;
-      phases::local_gradient_sums(cpu{}, nchw, ga, config);
-      const std::vector<T> dy_last = bn_test::to_channels_last(dy, nchw);
-      std::vector<T> dx(numel), dx_last(numel), dres(numel), dres_last(numel);
-      for (const bool last : {false, true}) {
-        phases::InputGradientArgs<T> ia;
-        ia.x = (last ? x_last : x).data();
-        ia.dy = (last ? dy_last : dy).data();
-        ia.y = (last ? y_last : y).data();
-        ia.dx = (last ? dx_last : dx).data();
-        ia.dresidual = relu ? (last ? dres_last : dres).data() : nullptr;
-        ia.weight = {w.data(), F};
-        ia.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
-        ia.gradient_sums = {sums.data(), static_cast<std::int64_t>(sums.size())};
-        phases::input_gradient(cpu{}, last ? nhwc : nchw, ia, config);
+        std::vector<double> sums(phases::gradient_sums_size(F));
+        phases::GradientSumsArgs<T> ga;
+        ga.x = x.data();
+        ga.dy = dy.data();
+        ga.y = y.data();
+        ga.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+        ga.gradient_sums = sums;
+        phases::local_gradient_sums(cpu{}, nchw, ga, config);
+        const std::vector<T> dy_last = bn_test::to_channels_last(dy, nchw);
+        std::vector<T> dx(numel), dx_last(numel), dres(numel), dres_last(numel);
+        for (const bool last : {false, true}) {
+          phases::InputGradientArgs<T> ia;
+          ia.x = (last ? x_last : x).data();
+          ia.dy = (last ? dy_last : dy).data();
+          ia.y = (last ? y_last : y).data();
+          ia.dx = (last ? dx_last : dx).data();
+          ia.dresidual = relu ? (last ? dres_last : dres).data() : nullptr;
+          ia.weight = {w.data(), F};
+          ia.normalization = {norm.data(), static_cast<std::int64_t>(norm.size())};
+          ia.gradient_sums = {sums.data(), static_cast<std::int64_t>(sums.size())};
+          phases::input_gradient(cpu{}, last ? nhwc : nchw, ia, config);
+        }
+        expect_same_bits(bn_test::from_channels_last(dx_last, nchw), dx, "input_gradient dx");
+        expect_same_bits(bn_test::from_channels_last(dres_last, nchw), dres, "input_gradient dresidual");
       }
-      expect_same_bits(bn_test::from_channels_last(dx_last, nchw), dx, "input_gradient dx");
-      expect_same_bits(bn_test::from_channels_last(dres_last, nchw), dres, "input_gradient dresidual");
     }
-  }
-  ci::streaming_bytes() = before;
+  });
 }
 
 // Empty batches (N = 0) leave y untouched and give zero parameter gradients; a tensor with one
