@@ -137,6 +137,20 @@ void expect_same_outputs(const Outputs<T>& r, const Outputs<T>& ref, const std::
   expect_same_bits(r.statistics, ref.statistics, what + "local_statistics");
 }
 
+/// The inputs of one path case: x ~ N(x_mean, x_sd), residual z, upstream dy, weight, bias,
+/// drawn with seeds seed .. seed + 4.
+template <class T>
+struct PathInputs {
+  std::vector<T> x, z, dy, w, b;
+};
+
+template <class T>
+PathInputs<T> path_inputs(std::int64_t numel, std::int64_t F, std::uint64_t seed, double x_mean, double x_sd) {
+  return {bnref::cast<T>(bnref::normal(numel, seed, x_mean, x_sd)), bnref::cast<T>(bnref::normal(numel, seed + 1)),
+          bnref::cast<T>(bnref::normal(numel, seed + 2)), bnref::cast<T>(bnref::normal(F, seed + 3, 1.0, 0.5)),
+          bnref::cast<T>(bnref::normal(F, seed + 4))};
+}
+
 void set_threads(int n) {
 #if defined(_OPENMP)
   omp_set_num_threads(n);
@@ -181,10 +195,7 @@ TYPED_TEST(CpuPaths, MatchTheReference) {
     for (const PathCase& k : path_cases()) {
       const Shape shape = bn_test::make_shape(k.extents, k.layout);
       const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-      const auto x = bnref::cast<T>(bnref::normal(numel, 31, 100.0, 3.0));
-      const auto z = bnref::cast<T>(bnref::normal(numel, 32));
-      const auto dy = bnref::cast<T>(bnref::normal(numel, 33));
-      const auto w = bnref::cast<T>(bnref::normal(F, 34, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 35));
+      const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 31, 100.0, 3.0);
       for (int combo = 0; combo < 4; ++combo) {
         const bool relu = combo & 1, residual = combo & 2;
         SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
@@ -238,10 +249,7 @@ TYPED_TEST(CpuPaths, SameBitsForAnyThreadCount) {
       SCOPED_TRACE(k.path);
       const Shape shape = bn_test::make_shape(k.extents, k.layout);
       const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-      const auto x = bnref::cast<T>(bnref::normal(numel, 41, -7.0, 5.0));
-      const auto z = bnref::cast<T>(bnref::normal(numel, 42));
-      const auto dy = bnref::cast<T>(bnref::normal(numel, 43));
-      const auto w = bnref::cast<T>(bnref::normal(F, 44, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 45));
+      const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 41, -7.0, 5.0);
       set_threads(1);
       const Outputs<T> one = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
       for (int threads : {2, 3, 7}) {
@@ -265,10 +273,7 @@ TYPED_TEST(CpuPaths, SameBitsForEveryIsa) {
       SCOPED_TRACE(k.path);
       const Shape shape = bn_test::make_shape(k.extents, k.layout);
       const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-      const auto x = bnref::cast<T>(bnref::normal(numel, 51, 3.0, 2.0));
-      const auto z = bnref::cast<T>(bnref::normal(numel, 52));
-      const auto dy = bnref::cast<T>(bnref::normal(numel, 53));
-      const auto w = bnref::cast<T>(bnref::normal(F, 54, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 55));
+      const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 51, 3.0, 2.0);
       ci::isa_in_use() = static_cast<int>(ci::Isa::baseline);
       for (const bool relu : {false, true}) {
         const Outputs<T> base = run_all(shape, k.mode, x, z, dy, w, b, relu, relu, true, relu);
@@ -293,10 +298,7 @@ TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
       SCOPED_TRACE(k.path);
       const Shape shape = bn_test::make_shape(k.extents, k.layout);
       const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
-      const auto x = bnref::cast<T>(bnref::normal(numel, 71, 3.0, 2.0));
-      const auto z = bnref::cast<T>(bnref::normal(numel, 72));
-      const auto dy = bnref::cast<T>(bnref::normal(numel, 73));
-      const auto w = bnref::cast<T>(bnref::normal(F, 74, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 75));
+      const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 71, 3.0, 2.0);
       // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
       const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
       std::vector<T> mean(F), invstd(F);
@@ -388,10 +390,7 @@ TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
     for (const auto& e : extents) {
       const Shape nchw = bn_test::make_shape(e), nhwc = bn_test::make_shape(e, Layout::channels_last);
       const std::int64_t F = e[1], numel = nchw.numel();
-      const auto x = bnref::cast<T>(bnref::normal(numel, 81, 3.0, 2.0));
-      const auto z = bnref::cast<T>(bnref::normal(numel, 82));
-      const auto dy = bnref::cast<T>(bnref::normal(numel, 83));
-      const auto w = bnref::cast<T>(bnref::normal(F, 84, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 85));
+      const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 81, 3.0, 2.0);
       std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
       phases::local_statistics(cpu{}, nchw, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
       phases::MergeArgs<T> ma;
