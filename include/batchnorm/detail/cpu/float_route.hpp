@@ -11,24 +11,31 @@
  *
  *     c = fl(x − mean_f),  s = fl(c·scale_f),  y_f = fl(s + bias_f)      (mean_f = float(mean), …)
  *
- * and bounds its distance to the double result d:
+ * and bounds its distance to the double result d. With u = 2^-24, one half-ulp per float
+ * operation and per rounded coefficient (the coefficients are 0 or normal floats, FloatRoute):
  *
- *     |y_f − d| ≤ 2^-24·(|y_f| + 3|s| + |mean·scale| + |bias|)·(1 + O(2^-20))  + 2^-149·O(1)
+ *     |c − (x − mean)|      ≤ u|c| + u|mean|
+ *     |s − (x − mean)·scale| ≤ u|s| + 2u|c·scale| + u|mean·scale|          (+ 2^-150 underflow)
+ *     |y_f − exact|          ≤ u·(|y_f| + 3|s| + |mean·scale| + |bias|)·(1 + 2^-26) + 2^-148,
  *
- * (one half-ulp per float operation and per rounded coefficient, the 2^-53 errors of the double
- * formula and float underflow inside the O terms). The route takes twice that, 2^-23·(…) +
- * 2^-140, as its error bound E, which also covers the rounding of E's own float arithmetic and
- * any FMA contraction the consumer's flags allow. If no rounding boundary of T (a midpoint
- * between two consecutive values) lies within E of y_f, then y_f and d are strictly inside the
- * same rounding interval and round to the same value of T: y = round_T(y_f). Otherwise, and
- * whenever y_f is outside the range where the format is a truncated float (NaN, inf, near 0;
- * half: its subnormals and overflow), the block is computed by the double formula. For typical
- * data the bound is ~2^-19 of |y| against a rounding interval of 2^-8 (bfloat16) or 2^-11 (half),
- * so about one value in 2^10 (bfloat16) or 2^7 (half) takes the double formula.
+ * the double formula's own error (2^-53 per operation) and products of u included in the last
+ * factor. The route takes 1.25 times that, through |y_f| ≤ |s| + |bias| (to a rounding):
+ *
+ *     E = 5u·|s| + 1.25u·(|mean·scale| + 2|bias|) + 2^-140,
+ *
+ * whose float evaluation (three roundings, or fewer with FMA contraction under the consumer's
+ * flags) stays above the need. If no rounding boundary of T (a midpoint between two consecutive
+ * values) lies within E of y_f, then y_f and d are strictly inside the same rounding interval
+ * and round to the same value of T: y = round_T(y_f). Otherwise, and whenever y_f is outside the
+ * range where the format is a truncated float (NaN, inf, near 0; half: its subnormals and
+ * overflow), the block is computed by the double formula. For typical data E is ~2^-20 of |y|
+ * against a rounding interval of 2^-8 (bfloat16) or 2^-11 (half) of it: about one bfloat16 value
+ * in 2^11 takes the double formula and one half value in 2^8 (so a block of 64 halves is redone
+ * about once in five).
  *
  * The results are therefore the bits of the double formula for every input, instruction set and
- * thread count (tested exhaustively over the 65536 inputs of each type for many coefficients,
- * cpu_paths_test).
+ * thread count (tested over all 65536 inputs of each type for many coefficients, in both
+ * layouts' loops and for every instruction set: tests/float_route_test.cpp).
  */
 #pragma once
 
@@ -50,7 +57,7 @@ inline constexpr bool has_float_route<T, std::void_t<typename convert<T>::format
 /// One feature's coefficients in float and the constant part of the route's error bound.
 struct FloatRoute {
   float mean = 0.0f, scale = 0.0f, bias = 0.0f;
-  float slack = 0.0f;   ///< 2^-23·(|mean·scale| + 2|bias|) + 2^-140
+  float slack = 0.0f;   ///< 1.25·2^-24·(|mean·scale| + 2|bias|) + 2^-140
   bool usable = false;  ///< coefficients are 0 or normal floats far from overflow
 };
 
@@ -70,9 +77,40 @@ inline FloatRoute float_route(double mean, double scale, double bias) {
   r.bias = static_cast<float>(bias);
   // ≤ 2^200 in double, so finite; it becomes +inf as a float when |mean·scale| ≥ 2^151, and then
   // no value passes the check (inf is never less than a distance): the double formula runs.
-  r.slack = static_cast<float>((std::fabs(mean * scale) + 2.0 * std::fabs(bias)) * 0x1p-23 + 0x1p-140);
+  r.slack = static_cast<float>((std::fabs(mean * scale) + 2.0 * std::fabs(bias)) * 0x1.4p-24 + 0x1p-140);
   return r;
 }
+
+/// Per-lane float routes of a rows pass, as arrays (lane j: mean[j], scale[j], bias[j],
+/// slack[j]); used only when every lane's coefficients fit (usable).
+struct FloatRouteLanes {
+  float* mean = nullptr;
+  float* scale = nullptr;
+  float* bias = nullptr;
+  float* slack = nullptr;
+  bool usable = false;
+};
+
+/// The route of a single feature, the same for every value (planes).
+struct SameFloatRoute {
+  FloatRoute k;
+  BN_CONVERT_INLINE const FloatRoute& operator()(std::int64_t) const { return k; }
+};
+
+/// The routes of lanes [first, …) of a FloatRouteLanes (rows).
+struct LaneFloatRoutes {
+  const FloatRouteLanes& lanes;
+  std::int64_t first;
+  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const {
+    const std::int64_t l = first + j;
+    FloatRoute k;
+    k.mean = lanes.mean[l];
+    k.scale = lanes.scale[l];
+    k.bias = lanes.bias[l];
+    k.slack = lanes.slack[l];
+    return k;
+  }
+};
 
 /**
  * @brief One value of the float route: @p out = act(round_T(y_f)) for the 16-bit input @p in.
@@ -97,8 +135,9 @@ BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatR
   const float to_mid = std::fabs(y - midpoint);
   const float to_lower = magnitude * quarter_interval;
   const float distance = to_mid < to_lower ? to_mid : to_lower;
-  // The error bound: 2^-23·(|y| + 3|scaled| + |mean·scale| + |bias|) ≤ 2^-21·|scaled| + slack.
-  const float bound = std::fabs(scaled) * 0x1p-21f + k.slack;
+  // The error bound (see the file's comment): 1.25·2^-24·(|y| + 3|scaled| + |mean·scale| + |bias|)
+  // ≤ 5·2^-24·|scaled| + slack, as |y| ≤ |scaled| + |bias| (to a float rounding).
+  const float bound = std::fabs(scaled) * 0x1.4p-22f + k.slack;
   // NaN and ±inf fail (a comparison with NaN is false; the bound is then not finite).
   std::uint32_t inside = mask(distance > bound);
   if constexpr (Format::checks_range) inside &= mask(bits::in_range(u, Format::min_bits, Format::end_bits));
@@ -116,16 +155,16 @@ BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatR
 inline constexpr std::int64_t float_route_block = 64;
 
 /**
- * @brief y[i] = act((x[i] − mean)·scale + bias) through the float route for the whole blocks of
- *        [0, length); a block [begin, end) where the route misses a value is handed to
- *        @p exact(begin, end), the double formula. x may be y (a block is read before it is written).
- * @return the number of values done (0 when the coefficients do not fit the route).
+ * @brief y[i] = act((x[i] − mean_i)·scale_i + bias_i) through the float route for the whole
+ *        blocks of [0, length), @p route(i) the coefficients of value i; a block [begin, end)
+ *        where the route misses a value is handed to @p exact(begin, end), the double formula.
+ *        x may be y (a block is read before it is written).
+ * @return the number of values done, a multiple of float_route_block.
  */
-template <bool Relu, class T, class Exact>
-std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const FloatRoute& k, Exact&& exact) {
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact) {
   using Format = typename convert<T>::format;
   static_assert(sizeof(T) == sizeof(std::uint16_t), "a 16-bit storage type");
-  if (!k.usable) return 0;
   constexpr std::int64_t B = float_route_block;
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
@@ -134,7 +173,7 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
     for (std::int64_t j = 0; j < B; ++j) {
       std::uint16_t in;
       std::memcpy(&in, x + i + j, sizeof in);
-      missed |= float_route_value<Format, Relu>(in, k, out[j]);
+      missed |= float_route_value<Format, Relu>(in, route(i + j), out[j]);
     }
     if (missed == 0) std::memcpy(static_cast<void*>(y + i), out, sizeof out);
     else exact(i, i + B);

@@ -198,6 +198,7 @@ enum class Scratch : int {
   feature_a, feature_b, feature_c, feature_d,  ///< per-feature arrays of forward / backward
   partial,                                     ///< per-task partial results of a reduction
   lanes,                                       ///< per-lane coefficient arrays of an elementwise pass
+  route_lanes,                                 ///< per-lane float routes of a half-type normalize
   roles
 };
 
@@ -324,9 +325,13 @@ struct RowTiling {
   [[nodiscard]] std::int64_t lanes(std::int64_t width) const { return group * width; }
 };
 
-/// The distance between per-lane coefficient arrays of @p lanes doubles in one scratch buffer:
-/// whole cache lines, so that each array starts on a line as the buffer does.
-inline std::int64_t lane_array_stride(std::int64_t lanes) { return (lanes + 7) / 8 * 8; }
+/// The distance between per-lane coefficient arrays of @p lanes values of E in one scratch
+/// buffer: whole cache lines, so that each array starts on a line as the buffer does.
+template <class E = double>
+std::int64_t lane_array_stride(std::int64_t lanes) {
+  constexpr std::int64_t per_line = sizeof(CacheLine) / sizeof(E);
+  return (lanes + per_line - 1) / per_line * per_line;
+}
 
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
 
@@ -670,10 +675,27 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
 /// y = act((x − mean)·scale + bias [+ residual]) over rows, coefficients per lane. y may be x or
 /// residual (in place: then one row at a time, each element read before it is written).
 /// @p streaming: the tensor is larger than the caches (see for_eight_lanes).
+/// Half types without residual take the float route row by row when every lane's coefficients
+/// fit it (@p routes.usable: float_route.hpp, the same bits).
 template <bool Residual, bool Relu, class T>
 void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std::int64_t width, std::int64_t stride,
-                    const double* mean, const double* scale, const double* bias, bool streaming) {
+                    const double* mean, const double* scale, const double* bias, bool streaming,
+                    const FloatRouteLanes& routes) {
   (void)streaming;  // without GCC vectors there is one loop
+  if constexpr (!Residual && has_float_route<T>) {
+    if (routes.usable) {
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * stride;
+        T* yr = y + r * stride;
+        auto exact = [&](std::int64_t begin, std::int64_t end) {
+          for (std::int64_t j = begin; j < end; ++j)
+            normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
+        };
+        exact(normalize_float_route<Relu>(xr, yr, width, LaneFloatRoutes{routes, 0}, exact), width);
+      }
+      return;
+    }
+  }
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
     if (streaming) {
@@ -840,6 +862,7 @@ void reserve_scratch(const Shape& shape, Mode mode) {
   const RowTiling t(g.rows, g.width);
   scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   scratch<double>(Scratch::lanes, 5 * lane_array_stride(t.lanes(g.width)));
+  if constexpr (has_float_route<T>) scratch<float>(Scratch::route_lanes, 4 * lane_array_stride<float>(t.lanes(g.width)));
 }
 
 /**
@@ -901,7 +924,8 @@ void normalize_run(const T* x, const T* residual, T* y, std::int64_t length, dou
     for (std::int64_t i = begin; i < end; ++i) normalize_at<Residual, Relu>(x, residual, y, i, mean, scale, bias);
   };
   if constexpr (!Residual && has_float_route<T>) {
-    const std::int64_t done = normalize_float_route<Relu>(x, y, length, float_route(mean, scale, bias), exact);
+    const SameFloatRoute route{float_route(mean, scale, bias)};
+    const std::int64_t done = route.k.usable ? normalize_float_route<Relu>(x, y, length, route, exact) : 0;
     if (done == length) return;
     // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
     x += done;
@@ -954,6 +978,25 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
     scale[j] = a.scale;
     bias[j] = a.bias;
   }
+  FloatRouteLanes routes;
+  if constexpr (has_float_route<T>) {
+    if (residual == nullptr) {
+      const std::int64_t float_stride = lane_array_stride<float>(L);
+      routes.mean = scratch<float>(Scratch::route_lanes, 4 * float_stride);
+      routes.scale = routes.mean + float_stride;
+      routes.bias = routes.scale + float_stride;
+      routes.slack = routes.bias + float_stride;
+      routes.usable = true;
+      for (std::int64_t j = 0; j < L; ++j) {
+        const FloatRoute k = float_route(mean[j], scale[j], bias[j]);
+        routes.usable = routes.usable && k.usable;
+        routes.mean[j] = k.mean;
+        routes.scale[j] = k.scale;
+        routes.bias[j] = k.bias;
+        routes.slack[j] = k.slack;
+      }
+    }
+  }
   const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
   const std::int64_t pieces = (g.rows + piece - 1) / piece;
   const bool streaming = streams_from_memory<T>(numel);
@@ -964,7 +1007,8 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
         for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
           const std::int64_t o = (r0 + first) * W;
           normalize_rows<decltype(res)::value, decltype(rl)::value>(x + o, residual ? residual + o : nullptr, y + o,
-                                                                    count, lanes, lanes, mean, scale, bias, streaming);
+                                                                    count, lanes, lanes, mean, scale, bias, streaming,
+                                                                    routes);
         });
       });
     });
