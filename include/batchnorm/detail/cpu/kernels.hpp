@@ -350,6 +350,24 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
   for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
 }
 
+/// wide[i] = x[i] widened to float (exact: half types), and acc[i mod Lanes] += x[i] − center as
+/// add_plane_deviations<false, Lanes> adds it (the same order, so the same bits).
+template <std::int64_t Lanes, class T>
+void widen_adding_deviations(const T* __restrict x, std::int64_t length, double center, float* __restrict wide,
+                             double* __restrict acc) {
+  using Format = typename convert<T>::format;
+  auto step = [&](std::int64_t i, std::int64_t j) {
+    std::uint16_t h;
+    std::memcpy(&h, x + i, sizeof h);
+    wide[i] = Format::widen(h);
+    acc[j] += static_cast<double>(wide[i]) - center;
+  };
+  std::int64_t i = 0;
+  for (; i + Lanes <= length; i += Lanes)
+    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
+  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
+}
+
 // ---- eight values at a time (float and double rows) ----
 
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
@@ -749,28 +767,24 @@ Welford<double> plane_range_moments(const Geometry& g, const T* x, std::int64_t 
     const auto m = e - b;
     double mean = 0.0;
     alignas(64) double acc[plane_lanes] = {};
-    if constexpr (sizeof(T) == 2) {
-      // Half types: widen the chunk once (exact) and run both passes over the doubles, in the same
-      // runs (lanes restart at each run) and order as below, so the same bits; the passes then use
+    if constexpr (has_float_route<T>) {
+      // Half types: widen the chunk once, to floats (exact; 32 KiB, in L1), adding the first
+      // pass's terms as it goes, then run the second pass over the floats, in the same runs
+      // (lanes restart at each run) and order as below, so the same bits; the passes then use
       // full-width vectors instead of converting every value twice.
-      alignas(64) double wide[chunk_elements];
+      alignas(64) float wide[chunk_elements];
       std::int64_t k = 0;
       for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-        const T* p = channel + n * plane_stride + s;
-        for (std::int64_t i = 0; i < length; ++i) wide[k + i] = conv::to_double(p[i]);
+        widen_adding_deviations<plane_lanes>(channel + n * plane_stride + s, length, pivot, wide + k, acc);
         k += length;
       });
-      auto pass = [&](auto square, double center) {
-        std::int64_t o = 0;
-        for_each_run(b, e, g.S, [&](std::int64_t, std::int64_t, std::int64_t length) {
-          add_plane_deviations<decltype(square)::value, plane_lanes>(wide + o, length, center, acc);
-          o += length;
-        });
-      };
-      pass(std::false_type{}, pivot);
       mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
       std::fill(acc, acc + plane_lanes, 0.0);
-      pass(std::true_type{}, mean);
+      std::int64_t o = 0;
+      for_each_run(b, e, g.S, [&](std::int64_t, std::int64_t, std::int64_t length) {
+        add_plane_deviations<true, plane_lanes>(wide + o, length, mean, acc);
+        o += length;
+      });
     } else {
       for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
         add_plane_deviations<false, plane_lanes>(channel + n * plane_stride + s, length, pivot, acc);
