@@ -148,16 +148,18 @@ BN_CONVERT_INLINE bool in_range(std::uint32_t u, std::uint32_t min_bits, std::ui
  * Where the format is a truncated float (bfloat16: every finite float; half: magnitudes in
  * [2^-14, 2^16), when checks_range), its values are the floats whose dropped_bits lowest bits
  * are 0, the midpoints between consecutive values the floats whose dropped bits are 100…0, and
- * round_normal(f) is the format's nearest value to f, ties to even (±inf beyond the largest).
+ * round_off_midpoint(f) is the format's nearest value to f when f is not a midpoint (±inf beyond
+ * the largest).
  */
 struct bfloat16_format {
   static constexpr int dropped_bits = 16;
   static constexpr bool checks_range = false;
   static constexpr std::uint32_t min_bits = 0, end_bits = 0;
   static BN_CONVERT_INLINE float widen(std::uint16_t h) { return bfloat16_to_float(h); }
-  /// The nearest bfloat16's bits to the finite float of bits @p u (sign kept).
-  static BN_CONVERT_INLINE std::uint16_t round_normal(std::uint32_t u) {
-    return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  /// The nearest bfloat16's bits to the finite float of bits @p u (sign kept), which is not a
+  /// midpoint: ties are not rounded to even (the float route leaves them to the double formula).
+  static BN_CONVERT_INLINE std::uint16_t round_off_midpoint(std::uint32_t u) {
+    return static_cast<std::uint16_t>((u + 0x8000u) >> 16);
   }
 };
 
@@ -169,10 +171,10 @@ struct half_format {
   static constexpr std::uint32_t min_bits = (127u - 14u) << 23;  ///< 2^-14, the least normal half
   static constexpr std::uint32_t end_bits = (127u + 16u) << 23;  ///< 2^16
   static BN_CONVERT_INLINE float widen(std::uint16_t h) { return half_to_float(h); }
-  static BN_CONVERT_INLINE std::uint16_t round_normal(std::uint32_t u) {
+  static BN_CONVERT_INLINE std::uint16_t round_off_midpoint(std::uint32_t u) {
     const std::uint32_t a = u & 0x7fffffffu;
-    // rebias the exponent, round the 13 dropped bits to nearest even (as double_to_half)
-    const std::uint32_t magnitude = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    // rebias the exponent, round the 13 dropped bits to nearest (as double_to_half, but for ties)
+    const std::uint32_t magnitude = (a + ((15u - 127u) << 23) + 0x1000u) >> 13;
     return static_cast<std::uint16_t>(((u >> 16) & 0x8000u) | magnitude);
   }
 };

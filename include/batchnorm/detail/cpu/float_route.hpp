@@ -141,7 +141,8 @@ BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatR
   // NaN and ±inf fail (a comparison with NaN is false; the bound is then not finite).
   std::uint32_t inside = mask(distance > bound);
   if constexpr (Format::checks_range) inside &= mask(bits::in_range(u, Format::min_bits, Format::end_bits));
-  std::uint32_t r = Format::round_normal(u);
+  // y is not a midpoint (its distance to one is more than the bound), so no tie to break.
+  std::uint32_t r = Format::round_off_midpoint(u);
   // relu after rounding: y is far from 0 (2^-130 at least) and rounds with its sign, so the sign
   // bit of the rounded value tells a negative d (→ +0) as relu before rounding does.
   if constexpr (Relu) r &= ~mask((r >> 15) != 0u);

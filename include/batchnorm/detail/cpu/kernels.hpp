@@ -100,6 +100,8 @@ inline constexpr std::int64_t parallel_threshold = 32768;
 // AVX-512, whose F subset includes FMA, with fp-contract=off): every version rounds every
 // operation the same way, and the lane structure of the loops is explicit (not the vector
 // width), so all versions give the same bits (tested: cpu_paths_test, SameBitsForEveryIsa).
+// Defining BATCHNORM_NO_DISPATCH compiles the loops for the build's own flags only (about half
+// the compile time; e.g. with -march=native, or where the build time matters more).
 
 /// The instruction sets a loop can be compiled for, in increasing width.
 enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
