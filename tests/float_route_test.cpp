@@ -1,5 +1,6 @@
-// The float route of half / bfloat16 normalization (detail/cpu/float_route.hpp) gives exactly the
-// bits of the double formula y = round_T(act((x − mean)·scale + bias)): for every one of the 65536
+// The float routes of half / bfloat16 normalization and input gradient (detail/cpu/float_route.hpp)
+// give exactly the bits of the double formulas, y = round_T(act((x − mean)·scale + bias)) and
+// dx = round_T(g·dy_scale + ((x − mean) − shift)·xmu_scale + constant): for every one of the 65536
 // inputs of each type, with coefficients drawn over many magnitudes and chosen to put results on,
 // next to and around rounding boundaries, near 0, in half's subnormals and beyond its range, with
 // and without relu, through the planes (NCHW) and the rows (channels-last) loops, in place, and
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -176,7 +178,139 @@ TYPED_TEST(FloatRoute, RowsGiveTheDoubleFormulasBitsForEveryInput) {
   }
 }
 
-// Typical data (x ~ N(0.5, 2²), the coefficients of a trained layer) takes the route: fewer than
+// The input gradient's route: dx = g·dy_scale + ((x − mean) − shift)·xmu_scale + constant, g = dy
+// masked by relu where y <= 0, against the double formula (input_gradient_value): every x with
+// random dy (a seventh of them 1000 times larger, so that either term dominates) and y, for
+// coefficients over many magnitudes, through the planes loop and the rows loop (per-lane
+// routes; one lane off the route in a second run), in place (dx = dy), every instruction set.
+struct GradientCoefficients {
+  double mean, shift, dy_scale, xmu_scale, constant;
+};
+
+std::vector<GradientCoefficients> gradient_coefficient_sets() {
+  std::vector<GradientCoefficients> sets = {
+      {0.0, 0.0, 1.0, 0.0, 0.0},              // dx = g: every result a value of T
+      {0.3, 1e-3, 0.8, -0.05, 0.01},          // typical
+      {1.0e4, 0.1, 1e-2, 1e-4, 0.0},          // large offset
+      {0.0, 0.0, 1.0, 1.0, 0x1p-8},           // ties where g + x lands on them
+      {0.0, 0.0, 0x1p-20, 0x1p-20, 0.0},      // tiny results (half: subnormal)
+      {0.0, 0.0, 1.0, 0x1p-130, 0.0},         // a coefficient too small for a float: double
+  };
+  std::mt19937_64 gen(5);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int i = 0; i < 14; ++i)
+    sets.push_back({u(gen) * std::pow(10.0, 2.0 * u(gen)), u(gen) * 1e-3, std::pow(10.0, u(gen)),
+                    u(gen) * std::pow(10.0, 2.0 * u(gen)), i % 4 == 0 ? 0.0 : u(gen) * std::pow(10.0, u(gen))});
+  return sets;
+}
+
+template <class T>
+std::uint16_t expected_gradient(T x, T dy, T y, const GradientCoefficients& c, bool relu) {
+  double g = convert<T>::to_double(dy), v;
+  if (relu) g = batchnorm::detail::relu_backward(g, convert<T>::to_double(y));
+  batchnorm::detail::cpu_impl::input_gradient_value<true>(v, g, convert<T>::to_double(x), c.mean, c.shift, c.dy_scale,
+                                                          c.xmu_scale, c.constant);
+  return to_bits(convert<T>::from_double(v));
+}
+
+template <class T>
+void random_gradients(std::vector<T>& dy, std::vector<T>& y, std::size_t n, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  dy.resize(n);
+  y.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    dy[i] = convert<T>::from_double(normal(gen) * (i % 7 == 0 ? 1e3 : 1.0));
+    y[i] = convert<T>::from_double(normal(gen));
+  }
+}
+
+TYPED_TEST(FloatRoute, InputGradientGivesTheDoubleFormulasBits) {
+  using T = TypeParam;
+  const std::vector<T> x = every_value<T>();
+  std::vector<T> dy, y;
+  random_gradients(dy, y, x.size(), 11);
+  const std::int64_t n = static_cast<std::int64_t>(x.size());
+  for (const GradientCoefficients& c : gradient_coefficient_sets())
+    for (const bool relu : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << std::hexfloat << "mean " << c.mean << " shift " << c.shift << " dy_scale "
+                                        << c.dy_scale << " xmu_scale " << c.xmu_scale << " constant " << c.constant
+                                        << (relu ? " relu" : ""));
+      std::vector<std::uint16_t> want(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) want[i] = expected_gradient(x[i], dy[i], y[i], c, relu);
+      const ci::GradientLane lane{c.mean, c.shift, c.dy_scale, c.xmu_scale, c.constant};
+      for_each_isa([&](int isa) {
+        for (const bool in_place : {false, true}) {
+          std::vector<T> dyv = dy, dx(x.size());
+          T* out = in_place ? dyv.data() : dx.data();
+          ci::run_vectorized([&] {
+            if (relu)
+              ci::input_gradient_run<true, true, false, true>(x.data(), dyv.data(), y.data(), out, static_cast<T*>(nullptr),
+                                                              n, lane);
+            else
+              ci::input_gradient_run<false, true, false, true>(x.data(), dyv.data(), y.data(), out,
+                                                               static_cast<T*>(nullptr), n, lane);
+          });
+          int failures = 0;
+          for (std::size_t i = 0; i < x.size(); ++i)
+            if (to_bits(out[i]) != want[i] && ++failures <= 5)
+              ADD_FAILURE() << "isa " << isa << (in_place ? " in place" : "") << ": x bits 0x" << std::hex << i
+                            << " dy 0x" << to_bits(dy[i]) << " gave 0x" << to_bits(out[i]) << ", want 0x" << want[i];
+        }
+      });
+    }
+}
+
+TYPED_TEST(FloatRoute, RowsInputGradientGivesTheDoubleFormulasBits) {
+  using T = TypeParam;
+  const std::vector<T> values = every_value<T>();
+  const std::vector<GradientCoefficients> sets = gradient_coefficient_sets();
+  for (const bool with_unusable : {false, true}) {
+    std::vector<GradientCoefficients> lanes;
+    for (const GradientCoefficients& c : sets)
+      if (with_unusable || ci::float_gradient_route(c.mean, c.shift, c.dy_scale, c.xmu_scale, c.constant).usable)
+        lanes.push_back(c);
+    const std::int64_t W = static_cast<std::int64_t>(lanes.size()), rows = 65536;
+    std::vector<T> x(static_cast<std::size_t>(rows * W)), dy, y;
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t j = 0; j < W; ++j) x[r * W + j] = values[(r + 4099 * j) % 65536];
+    random_gradients(dy, y, x.size(), 13);
+    std::vector<double> m(W), sh(W), ds(W), xs(W), co(W);
+    std::vector<float> route_arrays(6 * W);
+    ci::FloatGradientRouteLanes routes{&route_arrays[0],     &route_arrays[W],     &route_arrays[2 * W],
+                                       &route_arrays[3 * W], &route_arrays[4 * W], &route_arrays[5 * W], true};
+    for (std::int64_t j = 0; j < W; ++j) {
+      const GradientCoefficients& c = lanes[j];
+      m[j] = c.mean, sh[j] = c.shift, ds[j] = c.dy_scale, xs[j] = c.xmu_scale, co[j] = c.constant;
+      routes.set(j, ci::float_gradient_route(c.mean, c.shift, c.dy_scale, c.xmu_scale, c.constant));
+    }
+    ASSERT_EQ(routes.usable, !with_unusable);
+    for (const bool relu : {false, true}) {
+      std::vector<std::uint16_t> want(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) want[i] = expected_gradient(x[i], dy[i], y[i], lanes[i % W], relu);
+      for_each_isa([&](int isa) {
+        std::vector<T> dx(x.size());
+        ci::run_vectorized([&] {
+          auto run = [&](auto relu_flag) {
+            ci::input_gradient_rows<decltype(relu_flag)::value, true, false, true>(
+                x.data(), dy.data(), y.data(), dx.data(), static_cast<T*>(nullptr), rows, W, W, m.data(), sh.data(),
+                ds.data(), xs.data(), co.data(), false, routes);
+          };
+          if (relu) run(std::true_type{});
+          else run(std::false_type{});
+        });
+        int failures = 0;
+        for (std::size_t i = 0; i < x.size(); ++i)
+          if (to_bits(dx[i]) != want[i] && ++failures <= 5)
+            ADD_FAILURE() << "isa " << isa << (relu ? " relu" : "") << (with_unusable ? " (a lane off the route)" : "")
+                          << ": lane " << std::dec << (i % W) << " x 0x" << std::hex << to_bits(x[i]) << " dy 0x"
+                          << to_bits(dy[i]) << " gave 0x" << to_bits(dx[i]) << ", want 0x" << want[i];
+      });
+    }
+  }
+}
+
+// Typical data (x ~ N(0.5, 2²), the coefficients of a trained layer) takes the normalize route: fewer than
 // one block in 10 is redone in double for bfloat16, one in 3 for half (whose rounding intervals
 // are 8 times narrower).
 TYPED_TEST(FloatRoute, TypicalDataTakesTheRoute) {

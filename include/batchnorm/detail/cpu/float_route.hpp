@@ -1,8 +1,8 @@
 /**
  * @file detail/cpu/float_route.hpp
- * @brief Normalization of half / bfloat16 values in float, giving exactly the bits of the
- *        double formula: the float result is used where it provably rounds to the same 16-bit
- *        value, and the double formula is computed where it might not.
+ * @brief Normalization and input gradient of half / bfloat16 values in float, giving exactly
+ *        the bits of the double formulas: the float result is used where it provably rounds to
+ *        the same 16-bit value, and the double formula is computed where it might not.
  *
  * The CPU backend defines y = round_T((x − mean)·scale + bias), computed in double (three
  * roundings far below T's precision, then one rounding to T). In double, converting and rounding
@@ -33,6 +33,8 @@
  * in 2^11 takes the double formula and one half value in 2^8 (so a block of 64 halves is redone
  * about once in five).
  *
+ * The input gradient (FloatGradientRoute) takes the same way with its own bound.
+ *
  * The results are therefore the bits of the double formula for every input, instruction set and
  * thread count (tested over all 65536 inputs of each type for many coefficients, in both
  * layouts' loops and for every instruction set: tests/float_route_test.cpp).
@@ -62,15 +64,15 @@ struct FloatRoute {
 };
 
 /// The float route's coefficients for (x − mean)·scale + bias.
+/// A coefficient's float is within a relative 2^-24 of it: 0 or a normal float far from overflow.
+inline bool fits_float_route(double v) {
+  const double a = std::fabs(v);
+  return a == 0.0 || (a >= 0x1p-100 && a <= 0x1p100);
+}
+
 inline FloatRoute float_route(double mean, double scale, double bias) {
-  // A coefficient's float must be within a relative 2^-24 of it: 0 or a normal float (and far
-  // from overflow, so that a product with x − mean_f stays finite for the bound's sake).
-  auto fits = [](double v) {
-    const double a = std::fabs(v);
-    return a == 0.0 || (a >= 0x1p-100 && a <= 0x1p100);
-  };
   FloatRoute r;
-  r.usable = fits(mean) && fits(scale) && fits(bias);
+  r.usable = fits_float_route(mean) && fits_float_route(scale) && fits_float_route(bias);
   if (!r.usable) return r;
   r.mean = static_cast<float>(mean);
   r.scale = static_cast<float>(scale);
@@ -113,16 +115,13 @@ struct LaneFloatRoutes {
 };
 
 /**
- * @brief One value of the float route: @p out = act(round_T(y_f)) for the 16-bit input @p in.
- * @return 0 when @p out is the double formula's value, else all ones (then @p out is to be
- *         discarded).
+ * @brief @p out = act(round_T(y)) for a float @p y within @p bound of the double formula's value.
+ * @return 0 when @p out is the double formula's rounded value, else all ones (then @p out is to
+ *         be discarded): a rounding boundary of T within @p bound of y, or y out of range.
  */
 template <class Format, bool Relu>
-BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatRoute& k, std::uint16_t& out) {
+BN_CONVERT_INLINE std::uint32_t round_when_clear(float y, float bound, std::uint16_t& out) {
   using bits::mask;
-  const float centered = Format::widen(in) - k.mean;
-  const float scaled = centered * k.scale;
-  const float y = scaled + k.bias;
   const std::uint32_t u = bits::of(y);
   // The midpoint of y's rounding interval: y's bits with the dropped ones 100…0. Same sign and
   // binade as y, so |y − midpoint| is exact (Sterbenz).
@@ -131,13 +130,9 @@ BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatR
   // The boundary below the interval is at least a quarter interval away, even across a binade
   // (steps half as large below): more than 2^(dropped_bits − 26)·|y|.
   constexpr float quarter_interval = 1.0f / static_cast<float>(1u << (26 - Format::dropped_bits));
-  const float magnitude = std::fabs(y);
   const float to_mid = std::fabs(y - midpoint);
-  const float to_lower = magnitude * quarter_interval;
+  const float to_lower = std::fabs(y) * quarter_interval;
   const float distance = to_mid < to_lower ? to_mid : to_lower;
-  // The error bound (see the file's comment): 1.25·2^-24·(|y| + 3|scaled| + |mean·scale| + |bias|)
-  // ≤ 5·2^-24·|scaled| + slack, as |y| ≤ |scaled| + |bias| (to a float rounding).
-  const float bound = std::fabs(scaled) * 0x1.4p-22f + k.slack;
   // NaN and ±inf fail (a comparison with NaN is false; the bound is then not finite).
   std::uint32_t inside = mask(distance > bound);
   if constexpr (Format::checks_range) inside &= mask(bits::in_range(u, Format::min_bits, Format::end_bits));
@@ -150,36 +145,141 @@ BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatR
   return ~inside;
 }
 
+/**
+ * @brief One value of the float route: @p out = act(round_T(y_f)) for the 16-bit input @p in.
+ * @return 0 when @p out is the double formula's value, else all ones (then @p out is to be
+ *         discarded).
+ */
+template <class Format, bool Relu>
+BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatRoute& k, std::uint16_t& out) {
+  const float centered = Format::widen(in) - k.mean;
+  const float scaled = centered * k.scale;
+  const float y = scaled + k.bias;
+  // The error bound (see the file's comment): 1.25·2^-24·(|y| + 3|scaled| + |mean·scale| + |bias|)
+  // ≤ 5·2^-24·|scaled| + slack, as |y| ≤ |scaled| + |bias| (to a float rounding).
+  const float bound = std::fabs(scaled) * 0x1.4p-22f + k.slack;
+  return round_when_clear<Format, Relu>(y, bound, out);
+}
+
+/**
+ * @brief The float route of the input gradient of one feature (or lane): dx = g·dy_scale +
+ *        ((x − mean) − shift)·xmu_scale + constant, g the upstream gradient, as
+ *        input_gradient_value (Training). Error bound, as for FloatRoute, with q = g·dy_scale and
+ *        p = ((x − mean) − shift)·xmu_scale as computed, and dx within |q| + |p| + |constant|:
+ *
+ *     |dx_f − dx| ≤ u·(4|q| + 6|p| + |mean·xmu_scale| + 2|shift·xmu_scale| + 2|constant|)·(1 + 2^-26),
+ *
+ * taken 1.25 times: 5u|q| + 7.5u|p| + slack.
+ */
+struct FloatGradientRoute {
+  float mean = 0.0f, shift = 0.0f, dy_scale = 0.0f, xmu_scale = 0.0f, constant = 0.0f;
+  float slack = 0.0f;  ///< 1.25·2^-24·(|mean·xmu_scale| + 2|shift·xmu_scale| + 2|constant|) + 2^-140
+  bool usable = false;
+};
+
+inline FloatGradientRoute float_gradient_route(double mean, double shift, double dy_scale, double xmu_scale,
+                                               double constant) {
+  FloatGradientRoute r;
+  r.usable = fits_float_route(mean) && fits_float_route(shift) && fits_float_route(dy_scale) &&
+             fits_float_route(xmu_scale) && fits_float_route(constant);
+  if (!r.usable) return r;
+  r.mean = static_cast<float>(mean);
+  r.shift = static_cast<float>(shift);
+  r.dy_scale = static_cast<float>(dy_scale);
+  r.xmu_scale = static_cast<float>(xmu_scale);
+  r.constant = static_cast<float>(constant);
+  const double a = std::fabs(xmu_scale);
+  r.slack = static_cast<float>((std::fabs(mean) * a + 2.0 * std::fabs(shift) * a + 2.0 * std::fabs(constant)) *
+                                   0x1.4p-24 +
+                               0x1p-140);
+  return r;
+}
+
+/// Per-lane input-gradient routes of a rows pass, as arrays (see FloatRouteLanes).
+struct FloatGradientRouteLanes {
+  float *mean = nullptr, *shift = nullptr, *dy_scale = nullptr, *xmu_scale = nullptr, *constant = nullptr,
+        *slack = nullptr;
+  bool usable = false;
+  /// Sets lane @p j; usable stays true while every lane's coefficients fit.
+  void set(std::int64_t j, const FloatGradientRoute& k) {
+    mean[j] = k.mean;
+    shift[j] = k.shift;
+    dy_scale[j] = k.dy_scale;
+    xmu_scale[j] = k.xmu_scale;
+    constant[j] = k.constant;
+    slack[j] = k.slack;
+    usable = usable && k.usable;
+  }
+  BN_CONVERT_INLINE FloatGradientRoute operator()(std::int64_t j) const {
+    FloatGradientRoute k;
+    k.mean = mean[j];
+    k.shift = shift[j];
+    k.dy_scale = dy_scale[j];
+    k.xmu_scale = xmu_scale[j];
+    k.constant = constant[j];
+    k.slack = slack[j];
+    return k;
+  }
+};
+
+/// One input-gradient value of the float route, from the bits of x and of the upstream gradient
+/// g (already masked by a fused relu: exact). @return as float_route_value.
+template <class Format>
+BN_CONVERT_INLINE std::uint32_t float_gradient_value(std::uint16_t x, float g, const FloatGradientRoute& k,
+                                                     std::uint16_t& out) {
+  const float p = ((Format::widen(x) - k.mean) - k.shift) * k.xmu_scale;
+  const float q = g * k.dy_scale;
+  const float dx = (q + p) + k.constant;
+  const float bound = std::fabs(q) * 0x1.4p-22f + std::fabs(p) * 0x1.ep-22f + k.slack;
+  return round_when_clear<Format, false>(dx, bound, out);
+}
+
 /// Values of a float route block: a block where a value misses is redone by the double formula
 /// (testing for misses costs a horizontal reduction per block; 64 values amortize it, and about
-/// one block in 60 misses on typical bfloat16 data).
+/// one block in 30 misses on typical bfloat16 data).
 inline constexpr std::int64_t float_route_block = 64;
 
 /**
- * @brief y[i] = act((x[i] − mean_i)·scale_i + bias_i) through the float route for the whole
- *        blocks of [0, length), @p route(i) the coefficients of value i; a block [begin, end)
- *        where the route misses a value is handed to @p exact(begin, end), the double formula.
- *        x may be y (a block is read before it is written).
+ * @brief out[i] for the whole blocks of [0, length) through the float route: @p value(i, bits)
+ *        gives value i's bits and 0, or all ones where the route misses it; a block [begin, end)
+ *        with a miss is handed to @p exact(begin, end), the double formula. A block's inputs are
+ *        all read before its outputs are written (so out may be an input).
  * @return the number of values done, a multiple of float_route_block.
  */
-template <bool Relu, class T, class Route, class Exact>
-std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact) {
-  using Format = typename convert<T>::format;
+template <class T, class Value, class Exact>
+std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exact&& exact) {
   static_assert(sizeof(T) == sizeof(std::uint16_t), "a 16-bit storage type");
   constexpr std::int64_t B = float_route_block;
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
-    std::uint16_t out[B];
+    std::uint16_t block[B];
     std::uint32_t missed = 0;
-    for (std::int64_t j = 0; j < B; ++j) {
-      std::uint16_t in;
-      std::memcpy(&in, x + i + j, sizeof in);
-      missed |= float_route_value<Format, Relu>(in, route(i + j), out[j]);
-    }
-    if (missed == 0) std::memcpy(static_cast<void*>(y + i), out, sizeof out);
+    for (std::int64_t j = 0; j < B; ++j) missed |= value(i + j, block[j]);
+    if (missed == 0) std::memcpy(static_cast<void*>(out + i), block, sizeof block);
     else exact(i, i + B);
   }
   return i;
+}
+
+/// The bits of a 16-bit value.
+template <class T>
+BN_CONVERT_INLINE std::uint16_t bits_of(const T* p) {
+  std::uint16_t b;
+  std::memcpy(&b, p, sizeof b);
+  return b;
+}
+
+/**
+ * @brief y[i] = act((x[i] − mean_i)·scale_i + bias_i) through the float route (float_route_blocks),
+ *        @p route(i) the coefficients of value i. x may be y.
+ */
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact) {
+  using Format = typename convert<T>::format;
+  return float_route_blocks(
+      y, length,
+      [&](std::int64_t i, std::uint16_t& out) { return float_route_value<Format, Relu>(bits_of(x + i), route(i), out); },
+      exact);
 }
 
 }  // namespace batchnorm::detail::cpu_impl

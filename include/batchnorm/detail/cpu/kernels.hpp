@@ -200,7 +200,7 @@ enum class Scratch : int {
   feature_a, feature_b, feature_c, feature_d,  ///< per-feature arrays of forward / backward
   partial,                                     ///< per-task partial results of a reduction
   lanes,                                       ///< per-lane coefficient arrays of an elementwise pass
-  route_lanes,                                 ///< per-lane float routes of a half-type normalize
+  route_lanes,                                 ///< per-lane float routes of a half-type elementwise pass
   roles
 };
 
@@ -878,7 +878,8 @@ void reserve_scratch(const Shape& shape, Mode mode) {
   const RowTiling t(g.rows, g.width);
   scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   scratch<double>(Scratch::lanes, 5 * lane_array_stride(t.lanes(g.width)));
-  if constexpr (has_float_route<T>) scratch<float>(Scratch::route_lanes, 4 * lane_array_stride<float>(t.lanes(g.width)));
+  // the float routes of normalize (4 arrays) and of the input gradient (6)
+  if constexpr (has_float_route<T>) scratch<float>(Scratch::route_lanes, 6 * lane_array_stride<float>(t.lanes(g.width)));
 }
 
 /**
@@ -1157,13 +1158,46 @@ inline void input_gradient_at(const T* x, const T* dy, const T* y, T* dx, T* dre
   }
 }
 
-/// The input gradient over @p length values with one feature's coefficients.
+/// dx through the float route (float_route_blocks), @p route(i) the coefficients of value i.
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t input_gradient_float_route(const T* x, const T* dy, const T* y, T* dx, std::int64_t length,
+                                        const Route& route, Exact&& exact) {
+  using Format = typename convert<T>::format;
+  return float_route_blocks(
+      dx, length,
+      [&](std::int64_t i, std::uint16_t& out) {
+        float g = Format::widen(bits_of(dy + i));
+        if constexpr (Relu) apply_relu_backward(g, Format::widen(bits_of(y + i)));
+        return float_gradient_value<Format>(bits_of(x + i), g, route(i), out);
+      },
+      exact);
+}
+
+/// The input gradient over @p length values with one feature's coefficients. Half types
+/// computing dx alone in training take the float route (float_route.hpp: the same bits).
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t length,
                         const GradientLane& k) {
   const double m = k.mean, sh = k.shift, ds = k.dy_scale, xs = k.xmu_scale, co = k.constant;
-  for (std::int64_t i = 0; i < length; ++i)
-    input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, i, m, sh, ds, xs, co);
+  auto exact = [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i)
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, i, m, sh, ds, xs, co);
+  };
+  if constexpr (Dx && !Dres && Training && has_float_route<T>) {
+    const FloatGradientRoute route = float_gradient_route(m, sh, ds, xs, co);
+    if (route.usable) {
+      const std::int64_t done =
+          input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact);
+      if (done == length) return;
+      // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
+      x += done;
+      dy += done;
+      if constexpr (Relu) y += done;
+      dx += done;
+      length -= done;
+    }
+  }
+  exact(0, length);
 }
 
 /// The four-row loop of input_gradient_rows for distinct buffers; returns the rows it did.
@@ -1193,8 +1227,24 @@ std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __rest
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t rows,
                          std::int64_t width, std::int64_t stride, const double* mean, const double* shift,
-                         const double* dy_scale, const double* xmu_scale, const double* constant, bool streaming) {
+                         const double* dy_scale, const double* xmu_scale, const double* constant, bool streaming,
+                         const FloatGradientRouteLanes& routes) {
   (void)streaming;  // without GCC vectors there is one loop
+  if constexpr (Dx && !Dres && Training && has_float_route<T>) {
+    if (routes.usable) {  // half types computing dx alone: the float route, row by row
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t o = r * stride;
+        const T* yr = Relu ? y + o : nullptr;
+        auto exact = [&](std::int64_t begin, std::int64_t end) {
+          for (std::int64_t j = begin; j < end; ++j)
+            input_gradient_at<Relu, true, false, true>(x + o, dy + o, yr, dx + o, dresidual, j, mean[j], shift[j],
+                                                       dy_scale[j], xmu_scale[j], constant[j]);
+        };
+        exact(input_gradient_float_route<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact), width);
+      }
+      return;
+    }
+  }
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
     if (streaming) {
@@ -1292,6 +1342,13 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
     const std::int64_t stride = lane_array_stride(L);
     double* lanes = scratch<double>(Scratch::lanes, 5 * stride);
     double *m = lanes, *sh = m + stride, *ds = sh + stride, *xs = ds + stride, *co = xs + stride;
+    FloatGradientRouteLanes routes;
+    if constexpr (Dx && !Dres && Training && has_float_route<T>) {
+      const std::int64_t float_stride = lane_array_stride<float>(L);
+      float* f = scratch<float>(Scratch::route_lanes, 6 * float_stride);
+      routes = {f, f + float_stride, f + 2 * float_stride, f + 3 * float_stride, f + 4 * float_stride,
+                f + 5 * float_stride, true};
+    }
     for (std::int64_t j = 0; j < L; ++j) {
       const GradientLane lane = gradient_lane(mean, k, g.feature_at(j % W));
       m[j] = lane.mean;
@@ -1299,6 +1356,8 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
       ds[j] = lane.dy_scale;
       xs[j] = lane.xmu_scale;
       co[j] = lane.constant;
+      if (routes.mean != nullptr)
+        routes.set(j, float_gradient_route(lane.mean, lane.shift, lane.dy_scale, lane.xmu_scale, lane.constant));
     }
     const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
     const std::int64_t pieces = (g.rows + piece - 1) / piece;
@@ -1309,7 +1368,7 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
         const std::int64_t o = (r0 + first) * W;
         input_gradient_rows<Relu, Dx, Dres, Training>(x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr,
                                                       Dres ? dresidual + o : nullptr, count, width, width, m, sh, ds,
-                                                      xs, co, streaming);
+                                                      xs, co, streaming, routes);
       });
     });
   });
