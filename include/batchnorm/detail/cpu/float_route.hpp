@@ -86,32 +86,30 @@ inline FloatRoute float_route(double mean, double scale, double bias) {
 /// Per-lane float routes of a rows pass, as arrays (lane j: mean[j], scale[j], bias[j],
 /// slack[j]); used only when every lane's coefficients fit (usable).
 struct FloatRouteLanes {
-  float* mean = nullptr;
-  float* scale = nullptr;
-  float* bias = nullptr;
-  float* slack = nullptr;
+  float *mean = nullptr, *scale = nullptr, *bias = nullptr, *slack = nullptr;
   bool usable = false;
+  /// Sets lane @p j; usable stays true while every lane's coefficients fit.
+  void set(std::int64_t j, const FloatRoute& k) {
+    mean[j] = k.mean;
+    scale[j] = k.scale;
+    bias[j] = k.bias;
+    slack[j] = k.slack;
+    usable = usable && k.usable;
+  }
+  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const {
+    FloatRoute k;
+    k.mean = mean[j];
+    k.scale = scale[j];
+    k.bias = bias[j];
+    k.slack = slack[j];
+    return k;
+  }
 };
 
 /// The route of a single feature, the same for every value (planes).
 struct SameFloatRoute {
   FloatRoute k;
   BN_CONVERT_INLINE const FloatRoute& operator()(std::int64_t) const { return k; }
-};
-
-/// The routes of lanes [first, …) of a FloatRouteLanes (rows).
-struct LaneFloatRoutes {
-  const FloatRouteLanes& lanes;
-  std::int64_t first;
-  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const {
-    const std::int64_t l = first + j;
-    FloatRoute k;
-    k.mean = lanes.mean[l];
-    k.scale = lanes.scale[l];
-    k.bias = lanes.bias[l];
-    k.slack = lanes.slack[l];
-    return k;
-  }
 };
 
 /**

@@ -711,7 +711,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
           for (std::int64_t j = begin; j < end; ++j)
             normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
         };
-        exact(normalize_float_route<Relu>(xr, yr, width, LaneFloatRoutes{routes, 0}, exact), width);
+        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact), width);
       }
       return;
     }
@@ -999,19 +999,9 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
   if constexpr (has_float_route<T>) {
     if (residual == nullptr) {
       const std::int64_t float_stride = lane_array_stride<float>(L);
-      routes.mean = scratch<float>(Scratch::route_lanes, 4 * float_stride);
-      routes.scale = routes.mean + float_stride;
-      routes.bias = routes.scale + float_stride;
-      routes.slack = routes.bias + float_stride;
-      routes.usable = true;
-      for (std::int64_t j = 0; j < L; ++j) {
-        const FloatRoute k = float_route(mean[j], scale[j], bias[j]);
-        routes.usable = routes.usable && k.usable;
-        routes.mean[j] = k.mean;
-        routes.scale[j] = k.scale;
-        routes.bias[j] = k.bias;
-        routes.slack[j] = k.slack;
-      }
+      float* f = scratch<float>(Scratch::route_lanes, 4 * float_stride);
+      routes = {f, f + float_stride, f + 2 * float_stride, f + 3 * float_stride, true};
+      for (std::int64_t j = 0; j < L; ++j) routes.set(j, float_route(mean[j], scale[j], bias[j]));
     }
   }
   const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
