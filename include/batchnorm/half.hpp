@@ -48,6 +48,8 @@ namespace detail {
 /// @brief Host conversions of IEEE binary16 (`__half`): exact widening, one rounding when narrowing.
 template <>
 struct convert<__half> {
+  /// The format as a float with fewer significand bits (the CPU's float route).
+  using format = bits::half_format;
   /**
    * @brief Exact value of @p v as a double.
    * @param v a half value (any, including inf and NaN)
@@ -67,6 +69,8 @@ struct convert<__half> {
 /// @brief Host conversions of bfloat16 (`__nv_bfloat16`): exact widening, one rounding when narrowing.
 template <>
 struct convert<__nv_bfloat16> {
+  /// The format as a float with fewer significand bits (the CPU's float route).
+  using format = bits::bfloat16_format;
   /**
    * @brief Exact value of @p v as a double.
    * @param v a bfloat16 value (any, including inf and NaN)

@@ -65,12 +65,15 @@ BN_CONVERT_INLINE double to_double(std::uint64_t u) {
 BN_CONVERT_INLINE std::uint32_t mask(bool condition) { return 0u - static_cast<std::uint32_t>(condition); }
 BN_CONVERT_INLINE std::int32_t as_signed(std::uint32_t u) { return static_cast<std::int32_t>(u); }
 
-/// bfloat16 bits → double (exact: a bfloat16 is the top half of a float).
-BN_CONVERT_INLINE double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(to_float(std::uint32_t{h} << 16)); }
+/// bfloat16 bits → float (exact: a bfloat16 is the top half of a float).
+BN_CONVERT_INLINE float bfloat16_to_float(std::uint16_t h) { return to_float(std::uint32_t{h} << 16); }
 
-/// IEEE binary16 bits → double (exact; subnormals through an exact float subtraction of normal
+/// bfloat16 bits → double (exact).
+BN_CONVERT_INLINE double bfloat16_to_double(std::uint16_t h) { return static_cast<double>(bfloat16_to_float(h)); }
+
+/// IEEE binary16 bits → float (exact; subnormals through an exact float subtraction of normal
 /// floats, so that a denormals-are-zero FPU mode cannot flush them).
-BN_CONVERT_INLINE double half_to_double(std::uint16_t h) {
+BN_CONVERT_INLINE float half_to_float(std::uint16_t h) {
   const std::uint32_t sign = (std::uint32_t{h} & 0x8000u) << 16;
   const std::uint32_t magnitude = std::uint32_t{h} & 0x7fffu;
   const std::uint32_t shifted = magnitude << 13;  // exponent and mantissa in float's places
@@ -80,8 +83,11 @@ BN_CONVERT_INLINE double half_to_double(std::uint16_t h) {
   const std::uint32_t normal = shifted + ((127u - 15u) << 23) + (is_special & ((127u - 15u) << 23));
   // subnormal m·2^-24: the normal float 2^-14·(1 + m/1024), less 2^-14 (exact)
   const std::uint32_t subnormal = of(to_float(shifted + ((127u - 14u) << 23)) - 0x1p-14f);
-  return static_cast<double>(to_float(((subnormal & is_subnormal) | (normal & ~is_subnormal)) | sign));
+  return to_float(((subnormal & is_subnormal) | (normal & ~is_subnormal)) | sign);
 }
+
+/// IEEE binary16 bits → double (exact).
+BN_CONVERT_INLINE double half_to_double(std::uint16_t h) { return static_cast<double>(half_to_float(h)); }
 
 /**
  * @brief @p d rounded *to odd* at @p Kept significant bits: its significand truncated to them,
@@ -129,6 +135,49 @@ BN_CONVERT_INLINE std::uint16_t double_to_half(double d) {
   const std::uint32_t r = (0x7fffu & is_nan) | (0x7c00u & is_inf) | (finite & ~(is_nan | is_inf));
   return static_cast<std::uint16_t>(r | sign);
 }
+
+/// Whether the float bits @p u have a magnitude in [min_bits, end_bits) (one unsigned compare).
+BN_CONVERT_INLINE bool in_range(std::uint32_t u, std::uint32_t min_bits, std::uint32_t end_bits) {
+  return (u & 0x7fffffffu) - min_bits < end_bits - min_bits;
+}
+
+/**
+ * @brief The 16-bit formats seen as floats with fewer significand bits, for loops that compute
+ *        in float and round to the format (the CPU's float route, detail/cpu/float_route.hpp).
+ *
+ * Where the format is a truncated float (bfloat16: every finite float; half: magnitudes in
+ * [2^-14, 2^16), when checks_range), its values are the floats whose dropped_bits lowest bits
+ * are 0, the midpoints between consecutive values the floats whose dropped bits are 100…0, and
+ * round_off_midpoint(f) is the format's nearest value to f when f is not a midpoint (±inf beyond
+ * the largest).
+ */
+struct bfloat16_format {
+  static constexpr int dropped_bits = 16;
+  static constexpr bool checks_range = false;
+  static constexpr std::uint32_t min_bits = 0, end_bits = 0;
+  static BN_CONVERT_INLINE float widen(std::uint16_t h) { return bfloat16_to_float(h); }
+  /// The nearest bfloat16's bits to the finite float of bits @p u (sign kept), which is not a
+  /// midpoint: ties are not rounded to even (the float route leaves them to the double formula).
+  static BN_CONVERT_INLINE std::uint16_t round_off_midpoint(std::uint32_t u) {
+    return static_cast<std::uint16_t>((u + 0x8000u) >> 16);
+  }
+};
+
+/// IEEE binary16 as a float format (see bfloat16_format): the normal halves, and the rounding of
+/// floats of magnitude in [2^-14, 2^16) (above 65520: ±inf).
+struct half_format {
+  static constexpr int dropped_bits = 13;
+  static constexpr bool checks_range = true;
+  static constexpr std::uint32_t min_bits = (127u - 14u) << 23;  ///< 2^-14, the least normal half
+  static constexpr std::uint32_t end_bits = (127u + 16u) << 23;  ///< 2^16
+  static BN_CONVERT_INLINE float widen(std::uint16_t h) { return half_to_float(h); }
+  static BN_CONVERT_INLINE std::uint16_t round_off_midpoint(std::uint32_t u) {
+    const std::uint32_t a = u & 0x7fffffffu;
+    // rebias the exponent, round the 13 dropped bits to nearest (as double_to_half, but for ties)
+    const std::uint32_t magnitude = (a + ((15u - 127u) << 23) + 0x1000u) >> 13;
+    return static_cast<std::uint16_t>(((u >> 16) & 0x8000u) | magnitude);
+  }
+};
 
 }  // namespace bits
 

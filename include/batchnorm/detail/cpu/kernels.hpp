@@ -58,6 +58,7 @@
 #include "../../shape.hpp"
 #include "../convert.hpp"
 #include "../moments.hpp"
+#include "float_route.hpp"
 
 namespace batchnorm::detail::cpu_impl {
 
@@ -99,6 +100,8 @@ inline constexpr std::int64_t parallel_threshold = 32768;
 // AVX-512, whose F subset includes FMA, with fp-contract=off): every version rounds every
 // operation the same way, and the lane structure of the loops is explicit (not the vector
 // width), so all versions give the same bits (tested: cpu_paths_test, SameBitsForEveryIsa).
+// Defining BATCHNORM_NO_DISPATCH compiles the loops for the build's own flags only (about half
+// the compile time; e.g. with -march=native, or where the build time matters more).
 
 /// The instruction sets a loop can be compiled for, in increasing width.
 enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
@@ -197,6 +200,7 @@ enum class Scratch : int {
   feature_a, feature_b, feature_c, feature_d,  ///< per-feature arrays of forward / backward
   partial,                                     ///< per-task partial results of a reduction
   lanes,                                       ///< per-lane coefficient arrays of an elementwise pass
+  route_lanes,                                 ///< per-lane float routes of a half-type elementwise pass
   roles
 };
 
@@ -323,9 +327,13 @@ struct RowTiling {
   [[nodiscard]] std::int64_t lanes(std::int64_t width) const { return group * width; }
 };
 
-/// The distance between per-lane coefficient arrays of @p lanes doubles in one scratch buffer:
-/// whole cache lines, so that each array starts on a line as the buffer does.
-inline std::int64_t lane_array_stride(std::int64_t lanes) { return (lanes + 7) / 8 * 8; }
+/// The distance between per-lane coefficient arrays of @p lanes values of E in one scratch
+/// buffer: whole cache lines, so that each array starts on a line as the buffer does.
+template <class E = double>
+std::int64_t lane_array_stride(std::int64_t lanes) {
+  constexpr std::int64_t per_line = sizeof(CacheLine) / sizeof(E);
+  return (lanes + per_line - 1) / per_line * per_line;
+}
 
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
 
@@ -342,6 +350,24 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
   for (; i + Lanes <= length; i += Lanes)
     for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += term(conv::to_double(x[i + j]));
   for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
+}
+
+/// wide[i] = x[i] widened to float (exact: half types), and acc[i mod Lanes] += x[i] − center as
+/// add_plane_deviations<false, Lanes> adds it (the same order, so the same bits).
+template <std::int64_t Lanes, class T>
+void widen_adding_deviations(const T* __restrict x, std::int64_t length, double center, float* __restrict wide,
+                             double* __restrict acc) {
+  using Format = typename convert<T>::format;
+  auto step = [&](std::int64_t i, std::int64_t j) {
+    std::uint16_t h;
+    std::memcpy(&h, x + i, sizeof h);
+    wide[i] = Format::widen(h);
+    acc[j] += static_cast<double>(wide[i]) - center;
+  };
+  std::int64_t i = 0;
+  for (; i + Lanes <= length; i += Lanes)
+    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
+  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
 }
 
 // ---- eight values at a time (float and double rows) ----
@@ -669,10 +695,27 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
 /// y = act((x − mean)·scale + bias [+ residual]) over rows, coefficients per lane. y may be x or
 /// residual (in place: then one row at a time, each element read before it is written).
 /// @p streaming: the tensor is larger than the caches (see for_eight_lanes).
+/// Half types without residual take the float route row by row when every lane's coefficients
+/// fit it (@p routes.usable: float_route.hpp, the same bits).
 template <bool Residual, bool Relu, class T>
 void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std::int64_t width, std::int64_t stride,
-                    const double* mean, const double* scale, const double* bias, bool streaming) {
+                    const double* mean, const double* scale, const double* bias, bool streaming,
+                    const FloatRouteLanes& routes) {
   (void)streaming;  // without GCC vectors there is one loop
+  if constexpr (!Residual && has_float_route<T>) {
+    if (routes.usable) {
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * stride;
+        T* yr = y + r * stride;
+        auto exact = [&](std::int64_t begin, std::int64_t end) {
+          for (std::int64_t j = begin; j < end; ++j)
+            normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
+        };
+        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact), width);
+      }
+      return;
+    }
+  }
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
     if (streaming) {
@@ -726,28 +769,24 @@ Welford<double> plane_range_moments(const Geometry& g, const T* x, std::int64_t 
     const auto m = e - b;
     double mean = 0.0;
     alignas(64) double acc[plane_lanes] = {};
-    if constexpr (sizeof(T) == 2) {
-      // Half types: widen the chunk once (exact) and run both passes over the doubles, in the same
-      // runs (lanes restart at each run) and order as below, so the same bits; the passes then use
+    if constexpr (has_float_route<T>) {
+      // Half types: widen the chunk once, to floats (exact; 32 KiB, in L1), adding the first
+      // pass's terms as it goes, then run the second pass over the floats, in the same runs
+      // (lanes restart at each run) and order as below, so the same bits; the passes then use
       // full-width vectors instead of converting every value twice.
-      alignas(64) double wide[chunk_elements];
+      alignas(64) float wide[chunk_elements];
       std::int64_t k = 0;
       for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-        const T* p = channel + n * plane_stride + s;
-        for (std::int64_t i = 0; i < length; ++i) wide[k + i] = conv::to_double(p[i]);
+        widen_adding_deviations<plane_lanes>(channel + n * plane_stride + s, length, pivot, wide + k, acc);
         k += length;
       });
-      auto pass = [&](auto square, double center) {
-        std::int64_t o = 0;
-        for_each_run(b, e, g.S, [&](std::int64_t, std::int64_t, std::int64_t length) {
-          add_plane_deviations<decltype(square)::value, plane_lanes>(wide + o, length, center, acc);
-          o += length;
-        });
-      };
-      pass(std::false_type{}, pivot);
       mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
       std::fill(acc, acc + plane_lanes, 0.0);
-      pass(std::true_type{}, mean);
+      std::int64_t o = 0;
+      for_each_run(b, e, g.S, [&](std::int64_t, std::int64_t, std::int64_t length) {
+        add_plane_deviations<true, plane_lanes>(wide + o, length, mean, acc);
+        o += length;
+      });
     } else {
       for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
         add_plane_deviations<false, plane_lanes>(channel + n * plane_stride + s, length, pivot, acc);
@@ -839,6 +878,8 @@ void reserve_scratch(const Shape& shape, Mode mode) {
   const RowTiling t(g.rows, g.width);
   scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   scratch<double>(Scratch::lanes, 5 * lane_array_stride(t.lanes(g.width)));
+  // the float routes of normalize (4 arrays) and of the input gradient (6)
+  if constexpr (has_float_route<T>) scratch<float>(Scratch::route_lanes, 6 * lane_array_stride<float>(t.lanes(g.width)));
 }
 
 /**
@@ -892,9 +933,23 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
 // ---- normalize ----
 
 /// y = act((x − mean)·scale + bias [+ residual]) over @p length values, one feature (x may be y).
+/// Half types without residual take the float route (float_route.hpp: the same bits, ~2× fewer
+/// instructions), the values it misses and the rest the double formula.
 template <bool Residual, bool Relu, class T>
 void normalize_run(const T* x, const T* residual, T* y, std::int64_t length, double mean, double scale, double bias) {
-  for (std::int64_t i = 0; i < length; ++i) normalize_at<Residual, Relu>(x, residual, y, i, mean, scale, bias);
+  auto exact = [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) normalize_at<Residual, Relu>(x, residual, y, i, mean, scale, bias);
+  };
+  if constexpr (!Residual && has_float_route<T>) {
+    const SameFloatRoute route{float_route(mean, scale, bias)};
+    const std::int64_t done = route.k.usable ? normalize_float_route<Relu>(x, y, length, route, exact) : 0;
+    if (done == length) return;
+    // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
+    x += done;
+    y += done;
+    length -= done;
+  }
+  exact(0, length);
 }
 
 /// Rows per elementwise piece (any partition gives the same bits: elementwise).
@@ -940,6 +995,15 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
     scale[j] = a.scale;
     bias[j] = a.bias;
   }
+  FloatRouteLanes routes;
+  if constexpr (has_float_route<T>) {
+    if (residual == nullptr) {
+      const std::int64_t float_stride = lane_array_stride<float>(L);
+      float* f = scratch<float>(Scratch::route_lanes, 4 * float_stride);
+      routes = {f, f + float_stride, f + 2 * float_stride, f + 3 * float_stride, true};
+      for (std::int64_t j = 0; j < L; ++j) routes.set(j, float_route(mean[j], scale[j], bias[j]));
+    }
+  }
   const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
   const std::int64_t pieces = (g.rows + piece - 1) / piece;
   const bool streaming = streams_from_memory<T>(numel);
@@ -950,7 +1014,8 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
         for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
           const std::int64_t o = (r0 + first) * W;
           normalize_rows<decltype(res)::value, decltype(rl)::value>(x + o, residual ? residual + o : nullptr, y + o,
-                                                                    count, lanes, lanes, mean, scale, bias, streaming);
+                                                                    count, lanes, lanes, mean, scale, bias, streaming,
+                                                                    routes);
         });
       });
     });
@@ -1083,13 +1148,46 @@ inline void input_gradient_at(const T* x, const T* dy, const T* y, T* dx, T* dre
   }
 }
 
-/// The input gradient over @p length values with one feature's coefficients.
+/// dx through the float route (float_route_blocks), @p route(i) the coefficients of value i.
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t input_gradient_float_route(const T* x, const T* dy, const T* y, T* dx, std::int64_t length,
+                                        const Route& route, Exact&& exact) {
+  using Format = typename convert<T>::format;
+  return float_route_blocks(
+      dx, length,
+      [&](std::int64_t i, std::uint16_t& out) {
+        float g = Format::widen(bits_of(dy + i));
+        if constexpr (Relu) apply_relu_backward(g, Format::widen(bits_of(y + i)));
+        return float_gradient_value<Format>(bits_of(x + i), g, route(i), out);
+      },
+      exact);
+}
+
+/// The input gradient over @p length values with one feature's coefficients. Half types
+/// computing dx alone in training take the float route (float_route.hpp: the same bits).
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t length,
                         const GradientLane& k) {
   const double m = k.mean, sh = k.shift, ds = k.dy_scale, xs = k.xmu_scale, co = k.constant;
-  for (std::int64_t i = 0; i < length; ++i)
-    input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, i, m, sh, ds, xs, co);
+  auto exact = [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i)
+      input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, i, m, sh, ds, xs, co);
+  };
+  if constexpr (Dx && !Dres && Training && has_float_route<T>) {
+    const FloatGradientRoute route = float_gradient_route(m, sh, ds, xs, co);
+    if (route.usable) {
+      const std::int64_t done =
+          input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact);
+      if (done == length) return;
+      // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
+      x += done;
+      dy += done;
+      if constexpr (Relu) y += done;
+      dx += done;
+      length -= done;
+    }
+  }
+  exact(0, length);
 }
 
 /// The four-row loop of input_gradient_rows for distinct buffers; returns the rows it did.
@@ -1119,8 +1217,24 @@ std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __rest
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t rows,
                          std::int64_t width, std::int64_t stride, const double* mean, const double* shift,
-                         const double* dy_scale, const double* xmu_scale, const double* constant, bool streaming) {
+                         const double* dy_scale, const double* xmu_scale, const double* constant, bool streaming,
+                         const FloatGradientRouteLanes& routes) {
   (void)streaming;  // without GCC vectors there is one loop
+  if constexpr (Dx && !Dres && Training && has_float_route<T>) {
+    if (routes.usable) {  // half types computing dx alone: the float route, row by row
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t o = r * stride;
+        const T* yr = Relu ? y + o : nullptr;
+        auto exact = [&](std::int64_t begin, std::int64_t end) {
+          for (std::int64_t j = begin; j < end; ++j)
+            input_gradient_at<Relu, true, false, true>(x + o, dy + o, yr, dx + o, dresidual, j, mean[j], shift[j],
+                                                       dy_scale[j], xmu_scale[j], constant[j]);
+        };
+        exact(input_gradient_float_route<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact), width);
+      }
+      return;
+    }
+  }
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
     if (streaming) {
@@ -1218,6 +1332,13 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
     const std::int64_t stride = lane_array_stride(L);
     double* lanes = scratch<double>(Scratch::lanes, 5 * stride);
     double *m = lanes, *sh = m + stride, *ds = sh + stride, *xs = ds + stride, *co = xs + stride;
+    FloatGradientRouteLanes routes;
+    if constexpr (Dx && !Dres && Training && has_float_route<T>) {
+      const std::int64_t float_stride = lane_array_stride<float>(L);
+      float* f = scratch<float>(Scratch::route_lanes, 6 * float_stride);
+      routes = {f, f + float_stride, f + 2 * float_stride, f + 3 * float_stride, f + 4 * float_stride,
+                f + 5 * float_stride, true};
+    }
     for (std::int64_t j = 0; j < L; ++j) {
       const GradientLane lane = gradient_lane(mean, k, g.feature_at(j % W));
       m[j] = lane.mean;
@@ -1225,6 +1346,8 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
       ds[j] = lane.dy_scale;
       xs[j] = lane.xmu_scale;
       co[j] = lane.constant;
+      if (routes.mean != nullptr)
+        routes.set(j, float_gradient_route(lane.mean, lane.shift, lane.dy_scale, lane.xmu_scale, lane.constant));
     }
     const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
     const std::int64_t pieces = (g.rows + piece - 1) / piece;
@@ -1235,7 +1358,7 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
         const std::int64_t o = (r0 + first) * W;
         input_gradient_rows<Relu, Dx, Dres, Training>(x + o, dy + o, Relu ? y + o : nullptr, Dx ? dx + o : nullptr,
                                                       Dres ? dresidual + o : nullptr, count, width, width, m, sh, ds,
-                                                      xs, co, streaming);
+                                                      xs, co, streaming, routes);
       });
     });
   });

@@ -1,0 +1,283 @@
+/**
+ * @file detail/cpu/float_route.hpp
+ * @brief Normalization and input gradient of half / bfloat16 values in float, giving exactly
+ *        the bits of the double formulas: the float result is used where it provably rounds to
+ *        the same 16-bit value, and the double formula is computed where it might not.
+ *
+ * The CPU backend defines y = round_T((x − mean)·scale + bias), computed in double (three
+ * roundings far below T's precision, then one rounding to T). In double, converting and rounding
+ * 32 bfloat16 values takes ~45 AVX-512 instructions; in float about half, which is what PyTorch
+ * computes (and whose bits differ from ours in rare cases). The float route computes
+ *
+ *     c = fl(x − mean_f),  s = fl(c·scale_f),  y_f = fl(s + bias_f)      (mean_f = float(mean), …)
+ *
+ * and bounds its distance to the double result d. With u = 2^-24, one half-ulp per float
+ * operation and per rounded coefficient (the coefficients are 0 or normal floats, FloatRoute):
+ *
+ *     |c − (x − mean)|      ≤ u|c| + u|mean|
+ *     |s − (x − mean)·scale| ≤ u|s| + 2u|c·scale| + u|mean·scale|          (+ 2^-150 underflow)
+ *     |y_f − exact|          ≤ u·(|y_f| + 3|s| + |mean·scale| + |bias|)·(1 + 2^-26) + 2^-148,
+ *
+ * the double formula's own error (2^-53 per operation) and products of u included in the last
+ * factor. The route takes 1.25 times that, through |y_f| ≤ |s| + |bias| (to a rounding):
+ *
+ *     E = 5u·|s| + 1.25u·(|mean·scale| + 2|bias|) + 2^-140,
+ *
+ * whose float evaluation (three roundings, or fewer with FMA contraction under the consumer's
+ * flags) stays above the need. If no rounding boundary of T (a midpoint between two consecutive
+ * values) lies within E of y_f, then y_f and d are strictly inside the same rounding interval
+ * and round to the same value of T: y = round_T(y_f). Otherwise, and whenever y_f is outside the
+ * range where the format is a truncated float (NaN, inf, near 0; half: its subnormals and
+ * overflow), the block is computed by the double formula. For typical data E is ~2^-20 of |y|
+ * against a rounding interval of 2^-8 (bfloat16) or 2^-11 (half) of it: about one bfloat16 value
+ * in 2^11 takes the double formula and one half value in 2^8 (so a block of 64 halves is redone
+ * about once in five).
+ *
+ * The input gradient (FloatGradientRoute) takes the same way with its own bound.
+ *
+ * The results are therefore the bits of the double formula for every input, instruction set and
+ * thread count (tested over all 65536 inputs of each type for many coefficients, in both
+ * layouts' loops and for every instruction set: tests/float_route_test.cpp).
+ */
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../convert.hpp"
+
+namespace batchnorm::detail::cpu_impl {
+
+/// Whether T is a 16-bit type with a float route (convert<T>::format, see bits::bfloat16_format).
+template <class T, class = void>
+inline constexpr bool has_float_route = false;
+template <class T>
+inline constexpr bool has_float_route<T, std::void_t<typename convert<T>::format>> = true;
+
+/// One feature's coefficients in float and the constant part of the route's error bound.
+struct FloatRoute {
+  float mean = 0.0f, scale = 0.0f, bias = 0.0f;
+  float slack = 0.0f;   ///< 1.25·2^-24·(|mean·scale| + 2|bias|) + 2^-140
+  bool usable = false;  ///< coefficients are 0 or normal floats far from overflow
+};
+
+/// The float route's coefficients for (x − mean)·scale + bias.
+/// A coefficient's float is within a relative 2^-24 of it: 0 or a normal float far from overflow.
+inline bool fits_float_route(double v) {
+  const double a = std::fabs(v);
+  return a == 0.0 || (a >= 0x1p-100 && a <= 0x1p100);
+}
+
+inline FloatRoute float_route(double mean, double scale, double bias) {
+  FloatRoute r;
+  r.usable = fits_float_route(mean) && fits_float_route(scale) && fits_float_route(bias);
+  if (!r.usable) return r;
+  r.mean = static_cast<float>(mean);
+  r.scale = static_cast<float>(scale);
+  r.bias = static_cast<float>(bias);
+  // ≤ 2^200 in double, so finite; it becomes +inf as a float when |mean·scale| ≥ 2^151, and then
+  // no value passes the check (inf is never less than a distance): the double formula runs.
+  r.slack = static_cast<float>((std::fabs(mean * scale) + 2.0 * std::fabs(bias)) * 0x1.4p-24 + 0x1p-140);
+  return r;
+}
+
+/// Per-lane float routes of a rows pass, as arrays (lane j: mean[j], scale[j], bias[j],
+/// slack[j]); used only when every lane's coefficients fit (usable).
+struct FloatRouteLanes {
+  float *mean = nullptr, *scale = nullptr, *bias = nullptr, *slack = nullptr;
+  bool usable = false;
+  /// Sets lane @p j; usable stays true while every lane's coefficients fit.
+  void set(std::int64_t j, const FloatRoute& k) {
+    mean[j] = k.mean;
+    scale[j] = k.scale;
+    bias[j] = k.bias;
+    slack[j] = k.slack;
+    usable = usable && k.usable;
+  }
+  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const {
+    FloatRoute k;
+    k.mean = mean[j];
+    k.scale = scale[j];
+    k.bias = bias[j];
+    k.slack = slack[j];
+    return k;
+  }
+};
+
+/// The route of a single feature, the same for every value (planes).
+struct SameFloatRoute {
+  FloatRoute k;
+  BN_CONVERT_INLINE const FloatRoute& operator()(std::int64_t) const { return k; }
+};
+
+/**
+ * @brief @p out = act(round_T(y)) for a float @p y within @p bound of the double formula's value.
+ * @return 0 when @p out is the double formula's rounded value, else all ones (then @p out is to
+ *         be discarded): a rounding boundary of T within @p bound of y, or y out of range.
+ */
+template <class Format, bool Relu>
+BN_CONVERT_INLINE std::uint32_t round_when_clear(float y, float bound, std::uint16_t& out) {
+  using bits::mask;
+  const std::uint32_t u = bits::of(y);
+  // The midpoint of y's rounding interval: y's bits with the dropped ones 100…0. Same sign and
+  // binade as y, so |y − midpoint| is exact (Sterbenz).
+  constexpr std::uint32_t dropped = (1u << Format::dropped_bits) - 1;
+  const float midpoint = bits::to_float((u & ~dropped) | (1u << (Format::dropped_bits - 1)));
+  // The boundary below the interval is at least a quarter interval away, even across a binade
+  // (steps half as large below): more than 2^(dropped_bits − 26)·|y|.
+  constexpr float quarter_interval = 1.0f / static_cast<float>(1u << (26 - Format::dropped_bits));
+  const float to_mid = std::fabs(y - midpoint);
+  const float to_lower = std::fabs(y) * quarter_interval;
+  const float distance = to_mid < to_lower ? to_mid : to_lower;
+  // NaN and ±inf fail (a comparison with NaN is false; the bound is then not finite).
+  std::uint32_t inside = mask(distance > bound);
+  if constexpr (Format::checks_range) inside &= mask(bits::in_range(u, Format::min_bits, Format::end_bits));
+  // y is not a midpoint (its distance to one is more than the bound), so no tie to break.
+  std::uint32_t r = Format::round_off_midpoint(u);
+  // relu after rounding: y is far from 0 (2^-130 at least) and rounds with its sign, so the sign
+  // bit of the rounded value tells a negative d (→ +0) as relu before rounding does.
+  if constexpr (Relu) r &= ~mask((r >> 15) != 0u);
+  out = static_cast<std::uint16_t>(r);
+  return ~inside;
+}
+
+/**
+ * @brief One value of the float route: @p out = act(round_T(y_f)) for the 16-bit input @p in.
+ * @return 0 when @p out is the double formula's value, else all ones (then @p out is to be
+ *         discarded).
+ */
+template <class Format, bool Relu>
+BN_CONVERT_INLINE std::uint32_t float_route_value(std::uint16_t in, const FloatRoute& k, std::uint16_t& out) {
+  const float centered = Format::widen(in) - k.mean;
+  const float scaled = centered * k.scale;
+  const float y = scaled + k.bias;
+  // The error bound (see the file's comment): 1.25·2^-24·(|y| + 3|scaled| + |mean·scale| + |bias|)
+  // ≤ 5·2^-24·|scaled| + slack, as |y| ≤ |scaled| + |bias| (to a float rounding).
+  const float bound = std::fabs(scaled) * 0x1.4p-22f + k.slack;
+  return round_when_clear<Format, Relu>(y, bound, out);
+}
+
+/**
+ * @brief The float route of the input gradient of one feature (or lane): dx = g·dy_scale +
+ *        ((x − mean) − shift)·xmu_scale + constant, g the upstream gradient, as
+ *        input_gradient_value (Training). Error bound, as for FloatRoute, with q = g·dy_scale and
+ *        p = ((x − mean) − shift)·xmu_scale as computed, and dx within |q| + |p| + |constant|:
+ *
+ *     |dx_f − dx| ≤ u·(4|q| + 6|p| + |mean·xmu_scale| + 2|shift·xmu_scale| + 2|constant|)·(1 + 2^-26),
+ *
+ * taken 1.25 times: 5u|q| + 7.5u|p| + slack.
+ */
+struct FloatGradientRoute {
+  float mean = 0.0f, shift = 0.0f, dy_scale = 0.0f, xmu_scale = 0.0f, constant = 0.0f;
+  float slack = 0.0f;  ///< 1.25·2^-24·(|mean·xmu_scale| + 2|shift·xmu_scale| + 2|constant|) + 2^-140
+  bool usable = false;
+};
+
+inline FloatGradientRoute float_gradient_route(double mean, double shift, double dy_scale, double xmu_scale,
+                                               double constant) {
+  FloatGradientRoute r;
+  r.usable = fits_float_route(mean) && fits_float_route(shift) && fits_float_route(dy_scale) &&
+             fits_float_route(xmu_scale) && fits_float_route(constant);
+  if (!r.usable) return r;
+  r.mean = static_cast<float>(mean);
+  r.shift = static_cast<float>(shift);
+  r.dy_scale = static_cast<float>(dy_scale);
+  r.xmu_scale = static_cast<float>(xmu_scale);
+  r.constant = static_cast<float>(constant);
+  const double a = std::fabs(xmu_scale);
+  r.slack = static_cast<float>((std::fabs(mean) * a + 2.0 * std::fabs(shift) * a + 2.0 * std::fabs(constant)) *
+                                   0x1.4p-24 +
+                               0x1p-140);
+  return r;
+}
+
+/// Per-lane input-gradient routes of a rows pass, as arrays (see FloatRouteLanes).
+struct FloatGradientRouteLanes {
+  float *mean = nullptr, *shift = nullptr, *dy_scale = nullptr, *xmu_scale = nullptr, *constant = nullptr,
+        *slack = nullptr;
+  bool usable = false;
+  /// Sets lane @p j; usable stays true while every lane's coefficients fit.
+  void set(std::int64_t j, const FloatGradientRoute& k) {
+    mean[j] = k.mean;
+    shift[j] = k.shift;
+    dy_scale[j] = k.dy_scale;
+    xmu_scale[j] = k.xmu_scale;
+    constant[j] = k.constant;
+    slack[j] = k.slack;
+    usable = usable && k.usable;
+  }
+  BN_CONVERT_INLINE FloatGradientRoute operator()(std::int64_t j) const {
+    FloatGradientRoute k;
+    k.mean = mean[j];
+    k.shift = shift[j];
+    k.dy_scale = dy_scale[j];
+    k.xmu_scale = xmu_scale[j];
+    k.constant = constant[j];
+    k.slack = slack[j];
+    return k;
+  }
+};
+
+/// One input-gradient value of the float route, from the bits of x and of the upstream gradient
+/// g (already masked by a fused relu: exact). @return as float_route_value.
+template <class Format>
+BN_CONVERT_INLINE std::uint32_t float_gradient_value(std::uint16_t x, float g, const FloatGradientRoute& k,
+                                                     std::uint16_t& out) {
+  const float p = ((Format::widen(x) - k.mean) - k.shift) * k.xmu_scale;
+  const float q = g * k.dy_scale;
+  const float dx = (q + p) + k.constant;
+  const float bound = std::fabs(q) * 0x1.4p-22f + std::fabs(p) * 0x1.ep-22f + k.slack;
+  return round_when_clear<Format, false>(dx, bound, out);
+}
+
+/// Values of a float route block: a block where a value misses is redone by the double formula
+/// (testing for misses costs a horizontal reduction per block; 64 values amortize it, and about
+/// one block in 30 misses on typical bfloat16 data).
+inline constexpr std::int64_t float_route_block = 64;
+
+/**
+ * @brief out[i] for the whole blocks of [0, length) through the float route: @p value(i, bits)
+ *        gives value i's bits and 0, or all ones where the route misses it; a block [begin, end)
+ *        with a miss is handed to @p exact(begin, end), the double formula. A block's inputs are
+ *        all read before its outputs are written (so out may be an input).
+ * @return the number of values done, a multiple of float_route_block.
+ */
+template <class T, class Value, class Exact>
+std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exact&& exact) {
+  static_assert(sizeof(T) == sizeof(std::uint16_t), "a 16-bit storage type");
+  constexpr std::int64_t B = float_route_block;
+  std::int64_t i = 0;
+  for (; i + B <= length; i += B) {
+    std::uint16_t block[B];
+    std::uint32_t missed = 0;
+    for (std::int64_t j = 0; j < B; ++j) missed |= value(i + j, block[j]);
+    if (missed == 0) std::memcpy(static_cast<void*>(out + i), block, sizeof block);
+    else exact(i, i + B);
+  }
+  return i;
+}
+
+/// The bits of a 16-bit value.
+template <class T>
+BN_CONVERT_INLINE std::uint16_t bits_of(const T* p) {
+  std::uint16_t b;
+  std::memcpy(&b, p, sizeof b);
+  return b;
+}
+
+/**
+ * @brief y[i] = act((x[i] − mean_i)·scale_i + bias_i) through the float route (float_route_blocks),
+ *        @p route(i) the coefficients of value i. x may be y.
+ */
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact) {
+  using Format = typename convert<T>::format;
+  return float_route_blocks(
+      y, length,
+      [&](std::int64_t i, std::uint16_t& out) { return float_route_value<Format, Relu>(bits_of(x + i), route(i), out); },
+      exact);
+}
+
+}  // namespace batchnorm::detail::cpu_impl
