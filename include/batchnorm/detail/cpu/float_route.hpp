@@ -63,13 +63,14 @@ struct FloatRoute {
   bool usable = false;  ///< coefficients are 0 or normal floats far from overflow
 };
 
-/// The float route's coefficients for (x − mean)·scale + bias.
-/// A coefficient's float is within a relative 2^-24 of it: 0 or a normal float far from overflow.
+/// Whether a coefficient's float is within a relative 2^-24 of it: 0 or a normal float, far
+/// from overflow and underflow.
 inline bool fits_float_route(double v) {
   const double a = std::fabs(v);
   return a == 0.0 || (a >= 0x1p-100 && a <= 0x1p100);
 }
 
+/// The float route's coefficients for (x − mean)·scale + bias.
 inline FloatRoute float_route(double mean, double scale, double bias) {
   FloatRoute r;
   r.usable = fits_float_route(mean) && fits_float_route(scale) && fits_float_route(bias);
@@ -77,8 +78,8 @@ inline FloatRoute float_route(double mean, double scale, double bias) {
   r.mean = static_cast<float>(mean);
   r.scale = static_cast<float>(scale);
   r.bias = static_cast<float>(bias);
-  // ≤ 2^200 in double, so finite; it becomes +inf as a float when |mean·scale| ≥ 2^151, and then
-  // no value passes the check (inf is never less than a distance): the double formula runs.
+  // ≤ 2^200 in double, so finite; it becomes +inf as a float when |mean·scale| passes ~2^151,
+  // and then no value passes the check (no distance exceeds inf): the double formula runs.
   r.slack = static_cast<float>((std::fabs(mean * scale) + 2.0 * std::fabs(bias)) * 0x1.4p-24 + 0x1p-140);
   return r;
 }
