@@ -117,6 +117,20 @@ Outputs<T> run_all(const Shape& shape, Mode mode, const std::vector<T>& x, const
   return r;
 }
 
+/// The normalization coefficients of one shard (per channel, no affine): phases::local_statistics
+/// of x, then merge_statistics of that shard alone.
+template <class T>
+std::vector<double> one_shard_normalization(const Shape& shape, std::int64_t F, const T* x) {
+  namespace phases = batchnorm::phases;
+  std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
+  phases::local_statistics(cpu{}, shape, Mode::per_channel, x, batchnorm::span<double>(stats));
+  phases::MergeArgs<T> ma;
+  ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
+  ma.normalization = norm;
+  phases::merge_statistics(cpu{}, F, ma, {});
+  return norm;
+}
+
 template <class T>
 void expect_same_bits(const std::vector<T>& a, const std::vector<T>& b, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
@@ -391,12 +405,7 @@ TYPED_TEST(CpuPaths, ElementwisePassesGiveTheSameBitsInEveryLayout) {
       const Shape nchw = bn_test::make_shape(e), nhwc = bn_test::make_shape(e, Layout::channels_last);
       const std::int64_t F = e[1], numel = nchw.numel();
       const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 81, 3.0, 2.0);
-      std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
-      phases::local_statistics(cpu{}, nchw, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
-      phases::MergeArgs<T> ma;
-      ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
-      ma.normalization = norm;
-      phases::merge_statistics(cpu{}, F, ma, {});
+      std::vector<double> norm = one_shard_normalization(nchw, F, x.data());
       for (const bool relu : {false, true}) {
         SCOPED_TRACE("(" + std::to_string(e[0]) + "," + std::to_string(F) + "," + std::to_string(e[2]) + "," +
                      std::to_string(e[3]) + ")" + (relu ? " relu + residual" : ""));
@@ -477,12 +486,7 @@ TEST(CpuPathsEdges, UnfusedForwardIsThePhases) {
   fa.save_mean = sm;
   fa.save_invstd = si;
   batchnorm::forward(cpu{}, shape, fa, {});
-  std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
-  phases::local_statistics(cpu{}, shape, Mode::per_channel, x.data(), batchnorm::span<double>(stats));
-  phases::MergeArgs<float> ma;
-  ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
-  ma.normalization = norm;
-  phases::merge_statistics(cpu{}, F, ma, {});
+  std::vector<double> norm = one_shard_normalization(shape, F, x.data());
   phases::NormalizeArgs<float> na;
   na.x = x.data();
   na.y = y2.data();

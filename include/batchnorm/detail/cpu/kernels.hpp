@@ -359,9 +359,7 @@ void widen_adding_deviations(const T* __restrict x, std::int64_t length, double 
                              double* __restrict acc) {
   using Format = typename convert<T>::format;
   auto step = [&](std::int64_t i, std::int64_t j) {
-    std::uint16_t h;
-    std::memcpy(&h, x + i, sizeof h);
-    wide[i] = Format::widen(h);
+    wide[i] = Format::widen(bits_of(x + i));
     acc[j] += static_cast<double>(wide[i]) - center;
   };
   std::int64_t i = 0;
