@@ -276,9 +276,9 @@ TYPED_TEST(FloatRoute, RowsInputGradientGivesTheDoubleFormulasBits) {
       for (std::int64_t j = 0; j < W; ++j) x[r * W + j] = values[(r + 4099 * j) % 65536];
     random_gradients(dy, y, x.size(), 13);
     std::vector<double> m(W), sh(W), ds(W), xs(W), co(W);
-    std::vector<float> route_arrays(6 * W);
-    ci::FloatGradientRouteLanes routes{&route_arrays[0],     &route_arrays[W],     &route_arrays[2 * W],
-                                       &route_arrays[3 * W], &route_arrays[4 * W], &route_arrays[5 * W], true};
+    std::vector<float> route_arrays(ci::FloatGradientRouteLanes::count * W);
+    ci::FloatGradientRouteLanes routes;
+    routes.place(route_arrays.data(), W);
     for (std::int64_t j = 0; j < W; ++j) {
       const GradientCoefficients& c = lanes[j];
       m[j] = c.mean, sh[j] = c.shift, ds[j] = c.dy_scale, xs[j] = c.xmu_scale, co[j] = c.constant;

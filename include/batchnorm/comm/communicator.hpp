@@ -55,6 +55,14 @@ namespace batchnorm {
 /**
  * @brief True when @p Communicator has the members SyncBatchNorm needs for @p Backend
  *        (rank(), size(), all_gather(const double*, double*, std::int64_t, stream_type)).
+ * @tparam Communicator the class to check (e.g. MpiCommunicator, NcclCommunicator, a
+ *         framework's own wrapper)
+ * @tparam Backend batchnorm::cpu or batchnorm::cuda: gives the stream type all_gather takes
+ * @note A compile-time check only: it says nothing of the semantics the file comment asks for
+ *       (a collective, rank order, the same bits everywhere; synchronous on cpu, stream-ordered
+ *       on cuda; failures thrown as batchnorm::communication_error). The SyncBatchNorm class
+ *       template static_asserts it, so a class lacking a member fails to compile with
+ *       that message rather than deep inside the layer.
  */
 template <class Communicator, class Backend, class = void>
 struct is_communicator : std::false_type {};

@@ -41,7 +41,9 @@
  */
 #pragma once
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -61,6 +63,10 @@ struct FloatRoute {
   float mean = 0.0f, scale = 0.0f, bias = 0.0f;
   float slack = 0.0f;   ///< 1.25·2^-24·(|mean·scale| + 2|bias|) + 2^-140
   bool usable = false;  ///< coefficients are 0 or normal floats far from overflow
+  /// The coefficients, as RouteLanes stores them.
+  static constexpr std::array<float FloatRoute::*, 4> coefficients() {
+    return {&FloatRoute::mean, &FloatRoute::scale, &FloatRoute::bias, &FloatRoute::slack};
+  }
 };
 
 /// Whether a coefficient's float is within a relative 2^-24 of it: 0 or a normal float, far
@@ -84,28 +90,36 @@ inline FloatRoute float_route(double mean, double scale, double bias) {
   return r;
 }
 
-/// Per-lane float routes of a rows pass, as arrays (lane j: mean[j], scale[j], bias[j],
-/// slack[j]); used only when every lane's coefficients fit (usable).
-struct FloatRouteLanes {
-  float *mean = nullptr, *scale = nullptr, *bias = nullptr, *slack = nullptr;
+/**
+ * @brief Per-lane routes of a rows pass, one float array per coefficient (lane j's coefficient
+ *        i at coefficient[i][j]), so that consecutive lanes load as vectors; used only when
+ *        every lane's coefficients fit (usable).
+ * @tparam Route FloatRoute or FloatGradientRoute (its coefficients() list the arrays)
+ */
+template <class Route>
+struct RouteLanes {
+  static constexpr std::size_t count = Route::coefficients().size();
+  float* coefficient[count] = {};
   bool usable = false;
+  /// The arrays at @p storage, @p stride floats apart (count·stride floats); usable until set()
+  /// meets a route that is not.
+  void place(float* storage, std::int64_t stride) {
+    for (std::size_t i = 0; i < count; ++i) coefficient[i] = storage + static_cast<std::int64_t>(i) * stride;
+    usable = true;
+  }
+  bool placed() const { return coefficient[0] != nullptr; }
   /// Sets lane @p j; usable stays true while every lane's coefficients fit.
-  void set(std::int64_t j, const FloatRoute& k) {
-    mean[j] = k.mean;
-    scale[j] = k.scale;
-    bias[j] = k.bias;
-    slack[j] = k.slack;
+  void set(std::int64_t j, const Route& k) {
+    for (std::size_t i = 0; i < count; ++i) coefficient[i][j] = k.*(Route::coefficients()[i]);
     usable = usable && k.usable;
   }
-  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const {
-    FloatRoute k;
-    k.mean = mean[j];
-    k.scale = scale[j];
-    k.bias = bias[j];
-    k.slack = slack[j];
+  BN_CONVERT_INLINE Route operator()(std::int64_t j) const {
+    Route k;
+    for (std::size_t i = 0; i < count; ++i) k.*(Route::coefficients()[i]) = coefficient[i][j];
     return k;
   }
 };
+using FloatRouteLanes = RouteLanes<FloatRoute>;
 
 /// The route of a single feature, the same for every value (planes).
 struct SameFloatRoute {
@@ -174,6 +188,11 @@ struct FloatGradientRoute {
   float mean = 0.0f, shift = 0.0f, dy_scale = 0.0f, xmu_scale = 0.0f, constant = 0.0f;
   float slack = 0.0f;  ///< 1.25·2^-24·(|mean·xmu_scale| + 2|shift·xmu_scale| + 2|constant|) + 2^-140
   bool usable = false;
+  /// The coefficients, as RouteLanes stores them.
+  static constexpr std::array<float FloatGradientRoute::*, 6> coefficients() {
+    return {&FloatGradientRoute::mean,      &FloatGradientRoute::shift,    &FloatGradientRoute::dy_scale,
+            &FloatGradientRoute::xmu_scale, &FloatGradientRoute::constant, &FloatGradientRoute::slack};
+  }
 };
 
 inline FloatGradientRoute float_gradient_route(double mean, double shift, double dy_scale, double xmu_scale,
@@ -194,32 +213,8 @@ inline FloatGradientRoute float_gradient_route(double mean, double shift, double
   return r;
 }
 
-/// Per-lane input-gradient routes of a rows pass, as arrays (see FloatRouteLanes).
-struct FloatGradientRouteLanes {
-  float *mean = nullptr, *shift = nullptr, *dy_scale = nullptr, *xmu_scale = nullptr, *constant = nullptr,
-        *slack = nullptr;
-  bool usable = false;
-  /// Sets lane @p j; usable stays true while every lane's coefficients fit.
-  void set(std::int64_t j, const FloatGradientRoute& k) {
-    mean[j] = k.mean;
-    shift[j] = k.shift;
-    dy_scale[j] = k.dy_scale;
-    xmu_scale[j] = k.xmu_scale;
-    constant[j] = k.constant;
-    slack[j] = k.slack;
-    usable = usable && k.usable;
-  }
-  BN_CONVERT_INLINE FloatGradientRoute operator()(std::int64_t j) const {
-    FloatGradientRoute k;
-    k.mean = mean[j];
-    k.shift = shift[j];
-    k.dy_scale = dy_scale[j];
-    k.xmu_scale = xmu_scale[j];
-    k.constant = constant[j];
-    k.slack = slack[j];
-    return k;
-  }
-};
+/// Per-lane input-gradient routes of a rows pass.
+using FloatGradientRouteLanes = RouteLanes<FloatGradientRoute>;
 
 /// One input-gradient value of the float route, from the bits of x and of the upstream gradient
 /// g (already masked by a fused relu: exact). @return as float_route_value.

@@ -876,8 +876,10 @@ void reserve_scratch(const Shape& shape, Mode mode) {
   const RowTiling t(g.rows, g.width);
   scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   scratch<double>(Scratch::lanes, 5 * lane_array_stride(t.lanes(g.width)));
-  // the float routes of normalize (4 arrays) and of the input gradient (6)
-  if constexpr (has_float_route<T>) scratch<float>(Scratch::route_lanes, 6 * lane_array_stride<float>(t.lanes(g.width)));
+  // the float routes' arrays, normalize's or the input gradient's (the more)
+  constexpr std::int64_t route_arrays = std::max(FloatRouteLanes::count, FloatGradientRouteLanes::count);
+  if constexpr (has_float_route<T>)
+    scratch<float>(Scratch::route_lanes, route_arrays * lane_array_stride<float>(t.lanes(g.width)));
 }
 
 /**
@@ -997,8 +999,7 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
   if constexpr (has_float_route<T>) {
     if (residual == nullptr) {
       const std::int64_t float_stride = lane_array_stride<float>(L);
-      float* f = scratch<float>(Scratch::route_lanes, 4 * float_stride);
-      routes = {f, f + float_stride, f + 2 * float_stride, f + 3 * float_stride, true};
+      routes.place(scratch<float>(Scratch::route_lanes, FloatRouteLanes::count * float_stride), float_stride);
       for (std::int64_t j = 0; j < L; ++j) routes.set(j, float_route(mean[j], scale[j], bias[j]));
     }
   }
@@ -1333,9 +1334,7 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
     FloatGradientRouteLanes routes;
     if constexpr (Dx && !Dres && Training && has_float_route<T>) {
       const std::int64_t float_stride = lane_array_stride<float>(L);
-      float* f = scratch<float>(Scratch::route_lanes, 6 * float_stride);
-      routes = {f, f + float_stride, f + 2 * float_stride, f + 3 * float_stride, f + 4 * float_stride,
-                f + 5 * float_stride, true};
+      routes.place(scratch<float>(Scratch::route_lanes, FloatGradientRouteLanes::count * float_stride), float_stride);
     }
     for (std::int64_t j = 0; j < L; ++j) {
       const GradientLane lane = gradient_lane(mean, k, g.feature_at(j % W));
@@ -1344,7 +1343,7 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
       ds[j] = lane.dy_scale;
       xs[j] = lane.xmu_scale;
       co[j] = lane.constant;
-      if (routes.mean != nullptr)
+      if (routes.placed())
         routes.set(j, float_gradient_route(lane.mean, lane.shift, lane.dy_scale, lane.xmu_scale, lane.constant));
     }
     const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
