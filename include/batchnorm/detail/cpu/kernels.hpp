@@ -91,6 +91,13 @@ inline constexpr std::int64_t rows_at_once = 4;
 inline constexpr std::int64_t grab_values = 32768;
 /// Below this many values a call stays on the calling thread (starting threads costs more).
 inline constexpr std::int64_t parallel_threshold = 32768;
+/// How far ahead of its reads a pass over a plane asks for memory (software prefetch). A plane
+/// of an NCHW tensor is a short stream (6 KiB for bfloat16 (8, 256, 56, 56)), read plane after
+/// plane C·S values apart: the hardware prefetcher restarts on each, and the first pass over a
+/// channel waited on memory for a third of its time (perf). 4 KiB ahead made a bfloat16 training
+/// forward 1.2–1.3× faster at 1 thread (2 KiB: 1.15×; 8–16 KiB: no better). Prefetching does
+/// not change results.
+inline constexpr std::int64_t prefetch_bytes = 4096;
 
 // ---- instruction set ----
 // The library is headers compiled with the consumer's flags, often the x86-64 baseline (SSE2:
@@ -335,6 +342,24 @@ std::int64_t lane_array_stride(std::int64_t lanes) {
   return (lanes + per_line - 1) / per_line * per_line;
 }
 
+/// Whether a run of @p length values of @p size bytes prefetches: at least prefetch_bytes long.
+inline bool prefetches(std::int64_t length, std::size_t size) {
+  return length * static_cast<std::int64_t>(size) >= prefetch_bytes;
+}
+
+/// Asks for the cache lines prefetch_bytes ahead of the @p count values at @p p (one request per
+/// 64-byte line). Integer arithmetic: the address may be past the buffer (a prefetch never faults).
+template <class T>
+BN_CONVERT_INLINE void prefetch_ahead(const T* p, std::int64_t count) {
+#if defined(__GNUC__)
+  const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(prefetch_bytes);
+  for (std::int64_t o = 0; o < count * static_cast<std::int64_t>(sizeof(T)); o += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(first + static_cast<std::uintptr_t>(o)));
+#else
+  (void)p, (void)count;
+#endif
+}
+
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
 
 /// acc[i mod Lanes] += x[i] − center (or its square), over @p length values (lanes restart at x).
@@ -346,9 +371,14 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
     if constexpr (Square) return d * d;
     else return d;
   };
+  // The first pass reads from memory: ahead, into the planes that follow (short runs belong to
+  // small tensors, which stay in the caches).
+  const bool ahead = !Square && prefetches(length, sizeof(T));
   std::int64_t i = 0;
-  for (; i + Lanes <= length; i += Lanes)
+  for (; i + Lanes <= length; i += Lanes) {
+    if (ahead) prefetch_ahead(x + i, Lanes);
     for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += term(conv::to_double(x[i + j]));
+  }
   for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
 }
 
@@ -362,9 +392,12 @@ void widen_adding_deviations(const T* __restrict x, std::int64_t length, double 
     wide[i] = Format::widen(bits_of(x + i));
     acc[j] += static_cast<double>(wide[i]) - center;
   };
+  const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
   std::int64_t i = 0;
-  for (; i + Lanes <= length; i += Lanes)
+  for (; i + Lanes <= length; i += Lanes) {
+    if (ahead) prefetch_ahead(x + i, Lanes);
     for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
+  }
   for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
 }
 
@@ -454,9 +487,16 @@ void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, cons
     s_dy_xmu[j] += g * xmu;
     s_xmu[j] += xmu;
   };
+  const bool ahead = prefetches(length, sizeof(T));  // backward's first reads (as add_plane_deviations)
   std::int64_t i = 0;
-  for (; i + Lanes <= length; i += Lanes)
+  for (; i + Lanes <= length; i += Lanes) {
+    if (ahead) {
+      prefetch_ahead(x + i, Lanes);
+      prefetch_ahead(dy + i, Lanes);
+      if constexpr (Relu) prefetch_ahead(y + i, Lanes);
+    }
     for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
+  }
   for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
 }
 
