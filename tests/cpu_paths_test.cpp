@@ -5,7 +5,17 @@
 // the same bits for 1, 2, 3 and 7 OpenMP threads, for every instruction set the loops are
 // compiled for, in place, and (element-wise passes) in either layout; constant features give
 // exactly the bias. The rows loops that tensors over 8 MiB take (streaming) run on the same
-// cases, forced.
+// cases, forced. Every test runs for float and double and, when the CUDA toolkit's headers are
+// on the include path, for __half and __nv_bfloat16 (float parameters, the float route): this
+// is the one test file that checks every instruction-set version of every loop, so the other
+// numeric tests can compile the loops once (BATCHNORM_NO_DISPATCH, tests/CMakeLists.txt).
+#if __has_include(<cuda_fp16.h>) && __has_include(<cuda_bf16.h>)
+#define BN_TEST_HAVE_HALF 1
+#include <batchnorm/half.hpp>
+#else
+#define BN_TEST_HAVE_HALF 0
+#endif
+
 #include <batchnorm/batchnorm.hpp>
 #include <batchnorm/phases.hpp>
 #include <gtest/gtest.h>
@@ -14,9 +24,11 @@
 #include <omp.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "support/common.hpp"
@@ -58,24 +70,30 @@ std::vector<PathCase> path_cases() {
   };
 }
 
+/// Per-feature buffers (parameters, statistics, their gradients) are param_t<T>: T itself, float
+/// for the 16-bit types.
+template <class T>
+using P = batchnorm::param_t<T>;
+
 template <class T>
 struct Outputs {
-  std::vector<T> y, save_mean, save_invstd, running_mean, running_var, dx, dresidual, grad_weight, grad_bias;
+  std::vector<T> y, dx, dresidual;
+  std::vector<P<T>> save_mean, save_invstd, running_mean, running_var, grad_weight, grad_bias;
   std::vector<double> statistics, gradient_sums;
 };
 
 /// Forward (training), backward, and the phases' two reductions, on one shape.
 template <class T>
 Outputs<T> run_all(const Shape& shape, Mode mode, const std::vector<T>& x, const std::vector<T>& z,
-               const std::vector<T>& dy, const std::vector<T>& w, const std::vector<T>& b, bool relu, bool residual,
-               bool want_dx, bool want_dres) {
+                   const std::vector<T>& dy, const std::vector<P<T>>& w, const std::vector<P<T>>& b, bool relu,
+                   bool residual, bool want_dx, bool want_dres) {
   const std::int64_t F = batchnorm::feature_count(shape, mode), numel = shape.numel();
   Outputs<T> r;
   r.y.assign(numel, T(0));
-  r.save_mean.assign(F, T(0));
-  r.save_invstd.assign(F, T(0));
-  r.running_mean.assign(F, T(0.5));
-  r.running_var.assign(F, T(2));
+  r.save_mean.assign(F, P<T>(0));
+  r.save_invstd.assign(F, P<T>(0));
+  r.running_mean.assign(F, P<T>(0.5));
+  r.running_var.assign(F, P<T>(2));
   batchnorm::ForwardArgs<T> fa;
   fa.x = x.data();
   fa.y = r.y.data();
@@ -93,8 +111,8 @@ Outputs<T> run_all(const Shape& shape, Mode mode, const std::vector<T>& x, const
 
   r.dx.assign(numel, T(0));
   r.dresidual.assign(numel, T(0));
-  r.grad_weight.assign(F, T(0));
-  r.grad_bias.assign(F, T(0));
+  r.grad_weight.assign(F, P<T>(0));
+  r.grad_bias.assign(F, P<T>(0));
   batchnorm::BackwardArgs<T> ba;
   ba.x = x.data();
   ba.dy = dy.data();
@@ -124,7 +142,7 @@ std::vector<double> one_shard_normalization(const Shape& shape, std::int64_t F, 
   namespace phases = batchnorm::phases;
   std::vector<double> stats(phases::shard_statistics_size(F)), norm(phases::normalization_size(F));
   phases::local_statistics(cpu{}, shape, Mode::per_channel, x, batchnorm::span<double>(stats));
-  phases::MergeArgs<T> ma;
+  phases::MergeArgs<P<T>> ma;
   ma.shard_statistics = {stats.data(), static_cast<std::int64_t>(stats.size())};
   ma.normalization = norm;
   phases::merge_statistics(cpu{}, F, ma, {});
@@ -155,14 +173,35 @@ void expect_same_outputs(const Outputs<T>& r, const Outputs<T>& ref, const std::
 /// drawn with seeds seed .. seed + 4.
 template <class T>
 struct PathInputs {
-  std::vector<T> x, z, dy, w, b;
+  std::vector<T> x, z, dy;
+  std::vector<P<T>> w, b;
 };
 
 template <class T>
 PathInputs<T> path_inputs(std::int64_t numel, std::int64_t F, std::uint64_t seed, double x_mean, double x_sd) {
   return {bnref::cast<T>(bnref::normal(numel, seed, x_mean, x_sd)), bnref::cast<T>(bnref::normal(numel, seed + 1)),
-          bnref::cast<T>(bnref::normal(numel, seed + 2)), bnref::cast<T>(bnref::normal(F, seed + 3, 1.0, 0.5)),
-          bnref::cast<T>(bnref::normal(F, seed + 4))};
+          bnref::cast<T>(bnref::normal(numel, seed + 2)), bnref::cast<P<T>>(bnref::normal(F, seed + 3, 1.0, 0.5)),
+          bnref::cast<P<T>>(bnref::normal(F, seed + 4))};
+}
+
+/// Relative tolerances against the double reference (bnref::max_rel_error, floor 1) of values
+/// of type V: forward outputs and statistics, and backward's, which also carry the rounding of
+/// the saved statistics. For float and double, a few roundings of the output; for the 16-bit
+/// types, which are rounded once from the double formula, half an ulp with a margin.
+template <class V>
+double forward_tolerance() {
+  if constexpr (std::is_same_v<V, double>) return 1e-11;
+  else if constexpr (std::is_same_v<V, float>) return 2e-6;  // output rounding (0.5 ulp) dominates
+#if BN_TEST_HAVE_HALF
+  else if constexpr (std::is_same_v<V, __half>) return std::ldexp(1.0, -10);
+  else if constexpr (std::is_same_v<V, __nv_bfloat16>) return std::ldexp(1.0, -7);
+#endif
+}
+template <class V>
+double backward_tolerance() {
+  if constexpr (std::is_same_v<V, double>) return 1e-10;
+  else if constexpr (std::is_same_v<V, float>) return 2e-5;
+  else return forward_tolerance<V>();
 }
 
 void set_threads(int n) {
@@ -197,7 +236,11 @@ void for_each_loop_family(Body&& body) {
 
 template <class T>
 class CpuPaths : public ::testing::Test {};
+#if BN_TEST_HAVE_HALF
+using Types = ::testing::Types<float, double, __half, __nv_bfloat16>;
+#else
 using Types = ::testing::Types<float, double>;
+#endif
 TYPED_TEST_SUITE(CpuPaths, Types);
 
 // Each path against the naive double reference (on the same rounded inputs), every relu /
@@ -205,7 +248,7 @@ TYPED_TEST_SUITE(CpuPaths, Types);
 TYPED_TEST(CpuPaths, MatchTheReference) {
   using T = TypeParam;
   for_each_loop_family([&] {
-    const double tol = sizeof(T) == 4 ? 2e-6 : 1e-11;  // float: output rounding (0.5 ulp) dominates
+    const double tol = forward_tolerance<T>(), ptol = forward_tolerance<P<T>>();
     for (const PathCase& k : path_cases()) {
       const Shape shape = bn_test::make_shape(k.extents, k.layout);
       const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
@@ -225,10 +268,10 @@ TYPED_TEST(CpuPaths, MatchTheReference) {
         s.relu = relu;
         const auto ref = bnref::forward(shape, bnref::widen(x), p, s, residual ? bnref::widen(z) : std::vector<double>{});
         EXPECT_LE(bnref::max_rel_error(r.y, ref.y), tol);
-        EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), tol);
-        EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), tol);
-        EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), tol);
-        EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), tol);
+        EXPECT_LE(bnref::max_rel_error(r.save_mean, ref.mean), ptol);
+        EXPECT_LE(bnref::max_rel_error(r.save_invstd, ref.invstd), ptol);
+        EXPECT_LE(bnref::max_rel_error(r.running_mean, p.running_mean), ptol);
+        EXPECT_LE(bnref::max_rel_error(r.running_var, p.running_var), ptol);
         // The local statistics record: count, mean, M2 (double, no output rounding).
         for (std::int64_t f = 0; f < F; ++f) {
           const double n = r.statistics[0];
@@ -243,12 +286,12 @@ TYPED_TEST(CpuPaths, MatchTheReference) {
         saved.invstd = bnref::widen(r.save_invstd);
         saved.y = bnref::widen(r.y);
         const auto bref = bnref::backward(shape, bnref::widen(x), bnref::widen(dy), p, saved, k.mode, relu);
-        const double btol = sizeof(T) == 4 ? 2e-5 : 1e-10;
+        const double btol = backward_tolerance<T>(), pbtol = backward_tolerance<P<T>>();
         EXPECT_LE(bnref::max_rel_error(r.dx, bref.dx), btol);
-        EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), btol);
-        EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), btol);
+        EXPECT_LE(bnref::max_rel_error(r.grad_weight, bref.grad_weight), pbtol);
+        EXPECT_LE(bnref::max_rel_error(r.grad_bias, bref.grad_bias), pbtol);
         if (combo != 3) EXPECT_LE(bnref::max_rel_error(r.dresidual, bref.dz), 0.0);
-        else EXPECT_EQ(r.dresidual, std::vector<T>(numel, T(0)));  // not requested: untouched
+        else expect_same_bits(r.dresidual, std::vector<T>(numel, T(0)), "dresidual not requested: untouched");
       }
     }
   });
@@ -315,9 +358,10 @@ TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
       const auto [x, z, dy, w, b] = path_inputs<T>(numel, F, 71, 3.0, 2.0);
       // Reference: separate buffers, relu with residual, then backward with dx and dresidual.
       const Outputs<T> sep = run_all(shape, k.mode, x, z, dy, w, b, true, true, true, true);
-      std::vector<T> mean(F), invstd(F);
+      std::vector<P<T>> mean(F), invstd(F);
       for (const bool onto_residual : {false, true}) {
-        std::vector<T> buf = onto_residual ? z : x, rm(F, T(0.5)), rv(F, T(2));
+        std::vector<T> buf = onto_residual ? z : x;
+        std::vector<P<T>> rm(F, P<T>(0.5)), rv(F, P<T>(2));
         batchnorm::ForwardArgs<T> fa;
         fa.x = onto_residual ? x.data() : buf.data();
         fa.residual = onto_residual ? buf.data() : z.data();
@@ -336,7 +380,8 @@ TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
       }
       // Backward: dx onto dy (with dresidual separate), then dresidual onto dy (dx separate).
       for (const bool dres_onto_dy : {false, true}) {
-        std::vector<T> g = dy, other(numel, T(0)), gw(F, T(0)), gb(F, T(0));
+        std::vector<T> g = dy, other(numel, T(0));
+        std::vector<P<T>> gw(F, P<T>(0)), gb(F, P<T>(0));
         batchnorm::BackwardArgs<T> ba;
         ba.x = x.data();
         ba.dy = g.data();
@@ -360,30 +405,35 @@ TYPED_TEST(CpuPaths, InPlaceGivesTheSameBits) {
   });
 }
 
-// A constant feature (at an offset, at 1e30) gives exactly the bias and variance 0, in every path.
+// A constant feature (at an offset, at 1e30) gives exactly the bias (rounded to T) and variance
+// 0, in every path. Values T cannot hold (__half's range ends at 65504) are left out.
 TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
   using T = TypeParam;
+  using Convert = batchnorm::detail::convert<T>;
   for_each_loop_family([&] {
     for (const PathCase& k : path_cases()) {
       SCOPED_TRACE(k.path);
       const Shape shape = bn_test::make_shape(k.extents, k.layout);
       const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
       for (double value : {0.1, 12345.678, -1e6 - 0.3, 1e30}) {
-        const std::vector<T> x(numel, static_cast<T>(value));
-        const auto w = bnref::cast<T>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<T>(bnref::normal(F, 52));
+        const T x_value = Convert::from_double(value);
+        if (!std::isfinite(Convert::to_double(x_value))) continue;
+        const std::vector<T> x(numel, x_value);
+        const auto w = bnref::cast<P<T>>(bnref::normal(F, 51, 1.0, 0.5)), b = bnref::cast<P<T>>(bnref::normal(F, 52));
         const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
         const std::int64_t C = shape.channels(), S = shape.spatial();
         for (std::int64_t i = 0; i < numel; ++i) {
           const bool last = shape.layout() == Layout::channels_last;
           const std::int64_t c = last ? i % C : (i / S) % C, s = last ? (i / C) % S : i % S;
           const std::int64_t f = k.mode == Mode::per_channel ? c : c * S + s;
-          if (r.y[i] != b[f]) {
-            ADD_FAILURE() << "element " << i << " value " << value << ": " << r.y[i] << " != bias " << b[f];
+          const double y = Convert::to_double(r.y[i]), bias = Convert::to_double(Convert::from_double(b[f]));
+          if (y != bias) {
+            ADD_FAILURE() << "element " << i << " value " << value << ": " << y << " != bias " << bias;
             break;
           }
         }
         for (std::int64_t f = 0; f < F; ++f) {
-          EXPECT_EQ(r.save_mean[f], static_cast<T>(value));
+          EXPECT_EQ(static_cast<double>(r.save_mean[f]), static_cast<double>(static_cast<P<T>>(Convert::to_double(x_value))));
           EXPECT_EQ(r.statistics[1 + F + f], 0.0);  // M2
         }
       }
