@@ -187,7 +187,7 @@ PathInputs<T> path_inputs(std::int64_t numel, std::int64_t F, std::uint64_t seed
 /// Relative tolerances against the double reference (bnref::max_rel_error, floor 1) of values
 /// of type V: forward outputs and statistics, and backward's, which also carry the rounding of
 /// the saved statistics. For float and double, a few roundings of the output; for the 16-bit
-/// types, which are rounded once from the double formula, half an ulp with a margin.
+/// types, which are rounded once from the double formula, one ulp (twice that rounding's half ulp).
 template <class V>
 double forward_tolerance() {
   if constexpr (std::is_same_v<V, double>) return 1e-11;
