@@ -24,6 +24,7 @@
 
 #include "support/common.hpp"
 #include "support/device_memory.cuh"
+#include "support/nccl_ranks.cuh"
 #include "support/reference.hpp"
 
 namespace bn = batchnorm;
@@ -33,61 +34,7 @@ namespace {
 
 using bn::span;
 using bn_test::device_array;
-
-/// One communicator per visible device (ncclCommInitAll), destroyed at the end.
-class Ranks {
- public:
-  Ranks() {
-    BN_TEST_CUDA_CHECK(cudaGetDeviceCount(&count_));
-    comms_.resize(static_cast<std::size_t>(count_));
-    bn::detail::check_nccl(ncclCommInitAll(comms_.data(), count_, nullptr), "ncclCommInitAll");
-    for (int d = 0; d < count_; ++d) {
-      BN_TEST_CUDA_CHECK(cudaSetDevice(d));
-      cudaStream_t s = nullptr;
-      BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-      streams_.push_back(s);
-    }
-  }
-  ~Ranks() {
-    for (int d = 0; d < count_; ++d) {
-      (void)cudaSetDevice(d);
-      (void)cudaStreamDestroy(streams_[static_cast<std::size_t>(d)]);
-      (void)ncclCommDestroy(comms_[static_cast<std::size_t>(d)]);
-    }
-    (void)cudaSetDevice(0);
-  }
-  Ranks(const Ranks&) = delete;
-  Ranks& operator=(const Ranks&) = delete;
-  int count() const { return count_; }
-  ncclComm_t comm(int r) const { return comms_[static_cast<std::size_t>(r)]; }
-  cudaStream_t stream(int r) const { return streams_[static_cast<std::size_t>(r)]; }
-  /// Runs @p per_rank(r) for every rank, on its device, inside one NCCL group.
-  template <class F>
-  void grouped(F&& per_rank) const {
-    bn::detail::check_nccl(ncclGroupStart(), "ncclGroupStart");
-    for (int r = 0; r < count_; ++r) {
-      BN_TEST_CUDA_CHECK(cudaSetDevice(r));
-      per_rank(r);
-    }
-    bn::detail::check_nccl(ncclGroupEnd(), "ncclGroupEnd");
-  }
-  /// Runs @p per_rank(r) for every rank on its device (no group: phases only).
-  template <class F>
-  void each(F&& per_rank) const {
-    for (int r = 0; r < count_; ++r) {
-      BN_TEST_CUDA_CHECK(cudaSetDevice(r));
-      per_rank(r);
-    }
-  }
-  void sync() const {
-    each([&](int r) { BN_TEST_CUDA_CHECK(cudaStreamSynchronize(stream(r))); });
-  }
-
- private:
-  int count_ = 0;
-  std::vector<ncclComm_t> comms_;
-  std::vector<cudaStream_t> streams_;
-};
+using bn_test::Ranks;
 
 TEST(NcclCommunicator, NullCommIsRefused) {
   try {

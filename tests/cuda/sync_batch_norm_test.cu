@@ -34,6 +34,7 @@
 
 #include "support/common.hpp"
 #include "support/device_memory.cuh"
+#include "support/nccl_ranks.cuh"
 #include "support/reference.hpp"
 
 namespace bn = batchnorm;
@@ -41,66 +42,8 @@ namespace bn = batchnorm;
 namespace {
 
 using bn_test::device_array;
+using bn_test::Ranks;
 using Layer = bn::SyncBatchNorm2d<float, bn::cuda, bn::NcclCommunicator>;
-
-/// One NCCL communicator and one non-blocking stream per visible device.
-class Ranks {
- public:
-  Ranks() {
-    BN_TEST_CUDA_CHECK(cudaGetDeviceCount(&count_));
-    comms_.resize(static_cast<std::size_t>(count_));
-    bn::detail::check_nccl(ncclCommInitAll(comms_.data(), count_, nullptr), "ncclCommInitAll");
-    for (int d = 0; d < count_; ++d) {
-      BN_TEST_CUDA_CHECK(cudaSetDevice(d));
-      cudaStream_t s = nullptr;
-      BN_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-      streams_.push_back(s);
-    }
-  }
-  ~Ranks() {
-    for (int d = 0; d < count_; ++d) {
-      (void)cudaSetDevice(d);
-      (void)cudaStreamDestroy(streams_[static_cast<std::size_t>(d)]);
-      (void)ncclCommDestroy(comms_[static_cast<std::size_t>(d)]);
-    }
-    (void)cudaSetDevice(0);
-  }
-  Ranks(const Ranks&) = delete;
-  Ranks& operator=(const Ranks&) = delete;
-  int count() const { return count_; }
-  ncclComm_t comm(int r) const { return comms_[static_cast<std::size_t>(r)]; }
-  cudaStream_t stream(int r) const { return streams_[static_cast<std::size_t>(r)]; }
-
-  /// Runs @p per_rank(r) for every rank concurrently, each on its own thread and device; an
-  /// exception escaping a rank fails the test (with the rank).
-  void concurrently(const std::function<void(int)>& per_rank) const {
-    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(count_));
-    std::vector<std::thread> threads;
-    for (int r = 0; r < count_; ++r)
-      threads.emplace_back([&, r] {
-        try {
-          BN_TEST_CUDA_CHECK(cudaSetDevice(r));
-          per_rank(r);
-        } catch (...) {
-          errors[static_cast<std::size_t>(r)] = std::current_exception();
-        }
-      });
-    for (auto& t : threads) t.join();
-    for (int r = 0; r < count_; ++r)
-      if (errors[static_cast<std::size_t>(r)]) {
-        try {
-          std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
-        } catch (const std::exception& e) {
-          ADD_FAILURE() << "rank " << r << ": " << e.what();
-        }
-      }
-  }
-
- private:
-  int count_ = 0;
-  std::vector<ncclComm_t> comms_;
-  std::vector<cudaStream_t> streams_;
-};
 
 /// Shard bounds in samples: rank 0 empty when there are several ranks, then 2, 3, 4, ...
 std::vector<std::int64_t> shard_bounds(int ranks) {
