@@ -188,10 +188,12 @@ void parallel_for(std::int64_t count, std::int64_t values, Body&& body) {
   if (count > 1 && values >= parallel_threshold && !omp_in_parallel() && omp_get_max_threads() > 1) {
     // Each thread takes one contiguous range of the tasks (static), so it reads and writes one
     // long stream per buffer, which the hardware prefetchers follow. Tasks taken in runs of
-    // 32 K values (dynamic) interleaved the threads' streams and were slower: at 2 threads
-    // (bench_cpu, float, 2-core AMD EPYC), inference of an NCHW (8, 256, 56, 56) tensor 0.80–0.92
-    // → 0.70–0.83 ms, its training forward 2.24–2.37 → 1.71–1.74 ms, of an NHWC one 0.78–0.84 →
-    // 0.66–0.72 ms. The tasks of one loop cost about the same, so the split stays even.
+    // 32 K values (dynamic) interleaved the threads' streams and were slower. bench_cpu at 2
+    // threads (2-core AMD EPYC), time of PyTorch / ours in the same run, dynamic → static:
+    // float NCHW (8, 256, 56, 56) training forward 2.16–2.21 → 3.13–3.29, its backward
+    // 0.80–1.05 → 1.16–1.45; NHWC inference 0.93–0.96 → 1.12–1.16; bfloat16 NCHW backward
+    // 0.66 → 0.93–0.97, inference 0.62–0.63 → 0.79–0.84. The tasks of one loop cost about the
+    // same, so the split stays even.
 #pragma omp parallel for schedule(static)
     for (std::int64_t i = 0; i < count; ++i) run_vectorized([&] { body(i); });
     return;
