@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "support/common.hpp"
+#include "support/phases_cases.hpp"
 
 namespace {
 
@@ -20,35 +21,13 @@ using batchnorm::Shape;
 using batchnorm::span;
 namespace phases = batchnorm::phases;
 
-struct Case {
-  std::vector<std::int64_t> extents;
-  Layout layout;
-  Mode mode;
-  Activation activation;
-  bool residual;
-};
-
-std::vector<Case> cases() {
-  return {
-      {{6, 3, 5}, Layout::contiguous, Mode::per_channel, Activation::identity, false},
-      {{7, 4, 3, 2}, Layout::contiguous, Mode::per_channel, Activation::relu, true},
-      {{7, 4, 3, 2}, Layout::channels_last, Mode::per_channel, Activation::relu, false},
-      {{5, 3, 2, 2, 2}, Layout::channels_last, Mode::per_channel, Activation::identity, true},
-      {{9, 6}, Layout::contiguous, Mode::per_channel, Activation::identity, false},
-      {{8, 3, 4}, Layout::contiguous, Mode::per_activation, Activation::relu, false},
-  };
-}
+using Case = bn_test::PhaseCase;
+using bn_test::with_batch;
 
 /// The contiguous slice of samples [begin, end) of an (N, ...) tensor, in either layout.
 template <class T>
 std::vector<T> samples(const std::vector<T>& v, std::int64_t per_sample, std::int64_t begin, std::int64_t end) {
   return std::vector<T>(v.begin() + begin * per_sample, v.begin() + end * per_sample);
-}
-
-Shape with_batch(const Case& c, std::int64_t n) {
-  auto e = c.extents;
-  e[0] = n;
-  return bn_test::make_shape(e, c.layout);
 }
 
 template <class T>
@@ -59,7 +38,7 @@ TYPED_TEST_SUITE(Phases, Types);
 // One shard: 1 → 2 → 3 is forward and 4 → 5 is backward (same loops, same order of operations).
 TYPED_TEST(Phases, OneShardIsForwardAndBackward) {
   using T = TypeParam;
-  for (const Case& k : cases()) {
+  for (const Case& k : bn_test::phase_cases()) {
     const Shape shape = bn_test::make_shape(k.extents, k.layout);
     const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
     const auto x = bnref::cast<T>(bnref::normal(numel, 11, 3.0, 2.0));
@@ -130,7 +109,7 @@ TYPED_TEST(Phases, OneShardIsForwardAndBackward) {
 // Shards of 0, 1, 2, ... samples (uneven, some empty) give the whole batch's results.
 TEST(Phases, ShardsReproduceTheWholeBatch) {
   using T = double;
-  for (const Case& k : cases()) {
+  for (const Case& k : bn_test::phase_cases()) {
     const Shape shape = bn_test::make_shape(k.extents, k.layout);
     const std::int64_t N = shape.batch(), F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
     const std::int64_t per_sample = numel / N;

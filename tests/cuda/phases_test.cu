@@ -24,6 +24,7 @@
 
 #include "support/common.hpp"
 #include "support/device_memory.cuh"
+#include "support/phases_cases.hpp"
 #include "support/reference.hpp"
 
 namespace bn = batchnorm;
@@ -61,32 +62,8 @@ void expect_close(const std::vector<A>& gpu, const std::vector<B>& cpu, double r
   }
 }
 
-struct Case {
-  std::vector<std::int64_t> extents;
-  Layout layout;
-  Mode mode;
-  Activation activation;
-  bool residual;
-};
-
-std::vector<Case> cases() {
-  return {
-      {{6, 3, 5}, Layout::contiguous, Mode::per_channel, Activation::identity, false},
-      {{7, 4, 3, 2}, Layout::contiguous, Mode::per_channel, Activation::relu, true},
-      {{7, 4, 3, 2}, Layout::channels_last, Mode::per_channel, Activation::relu, false},
-      {{5, 3, 2, 2, 2}, Layout::channels_last, Mode::per_channel, Activation::identity, true},
-      {{9, 6}, Layout::contiguous, Mode::per_channel, Activation::identity, false},
-      {{8, 3, 4}, Layout::contiguous, Mode::per_activation, Activation::relu, false},
-      {{6, 3, 4}, Layout::channels_last, Mode::per_activation, Activation::identity, false},
-      {{16, 5, 300}, Layout::contiguous, Mode::per_channel, Activation::identity, false},  // many splits
-  };
-}
-
-Shape with_batch(const Case& c, std::int64_t n) {
-  auto e = c.extents;
-  e[0] = n;
-  return bn_test::make_shape(e, c.layout);
-}
+using Case = bn_test::PhaseCase;
+using bn_test::with_batch;
 
 template <class T>
 span<T> dspan(device_array<T>& a) {
@@ -311,7 +288,7 @@ TYPED_TEST_SUITE(CudaPhases, Types);
 TYPED_TEST(CudaPhases, ShardsReproduceTheWholeBatch) {
   BN_TEST_REQUIRE_GPU();
   using T = TypeParam;
-  for (const Case& k : cases())
+  for (const Case& k : bn_test::phase_cases())
     for (double offset : {0.0, 1e4}) {
       const Batch<T> d = make_batch<T>(k, offset, 41);
       const std::int64_t N = d.shape.batch();
@@ -334,7 +311,7 @@ TYPED_TEST(CudaPhases, RecordsAndMergeMatchTheCpu) {
   BN_TEST_REQUIRE_GPU();
   using T = TypeParam;
   using P = bn::param_t<T>;
-  for (const Case& k : cases()) {
+  for (const Case& k : bn_test::phase_cases()) {
     const Batch<T> d = make_batch<T>(k, 1e4, 43);
     const std::int64_t N = d.shape.batch(), F = d.F, rec = phases::shard_statistics_size(F);
     const std::vector<std::int64_t> bounds{0, 1, N / 2, N};
