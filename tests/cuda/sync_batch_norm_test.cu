@@ -21,11 +21,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <exception>
-#include <functional>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <batchnorm/comm/nccl.cuh>
