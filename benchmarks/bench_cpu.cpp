@@ -5,6 +5,8 @@
 //    at::native_batch_norm_backward on CPU tensors wrapping our buffers;
 //  - std::memcpy: of x into a same-size buffer (x_memcpy), and of 256 MiB buffers just before
 //    and after each case's timed loop (the physical floor, x_floor).
+// Storage: fp32, bf16, and fp16 (__half); neither peer takes half on the CPU, so its peers run
+// bf16 on the same values (issue 9 sets our half against PyTorch's bf16).
 // Each peer is first CHECKED to compute what we compute on that shape and op (y, and libtorch's
 // running statistics after a training forward; dx, dweight, dbias for backward) within a
 // stated tolerance; a peer that is missing, refuses the case (throws) or differs is reported in
@@ -61,6 +63,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -74,10 +77,14 @@ constexpr double kMomentum = 0.1;
 enum class Op { train, infer, backward };
 const char* op_name(Op op) { return op == Op::train ? "train" : op == Op::infer ? "infer" : "backward"; }
 
+// Storage type of the activations (parameters and statistics are float in every case).
+enum class Storage { fp32, bf16, fp16 };
+const char* storage_name(Storage s) { return s == Storage::fp32 ? "fp32" : s == Storage::bf16 ? "bf16" : "fp16"; }
+
 struct Case {
   std::vector<std::int64_t> dims;  // (N, C) or (N, C, H, W)
   bool nhwc = false;
-  bool bf16 = false;
+  Storage storage = Storage::fp32;
 };
 
 std::int64_t numel(const std::vector<std::int64_t>& d) {
@@ -106,37 +113,38 @@ double seconds(F&& f) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Storage types as doubles: float, or bfloat16 bits (the upper half of a float).
-double as_double(std::uint16_t bf16_bits) {
-  const std::uint32_t u = static_cast<std::uint32_t>(bf16_bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+// Storage values as doubles and from floats, with the toolkit's host conversions for the half
+// types (independent of the library's own).
 template <class T>
 double as_double_any(const T& v) {
-  if constexpr (sizeof(T) == 2) {
-    std::uint16_t b;
-    std::memcpy(&b, &v, 2);
-    return as_double(b);
-  } else {
-    return static_cast<double>(v);
-  }
+#if BN_BENCH_HAVE_BF16
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+#endif
+  if constexpr (std::is_arithmetic_v<T>) return static_cast<double>(v);
 }
 template <class T>
 T from_float(float f) {
-  if constexpr (sizeof(T) == 2) {  // bfloat16, round to nearest even
-    std::uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    const std::uint16_t b = static_cast<std::uint16_t>(u >> 16);
-    T t;
-    std::memcpy(static_cast<void*>(&t), &b, 2);
-    return t;
-  } else {
-    return f;
-  }
+#if BN_BENCH_HAVE_BF16
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(f);
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(f);
+#endif
+  if constexpr (std::is_arithmetic_v<T>) return f;
 }
+
+// The storage type the peers run a case in: our own, except for half, which neither peer takes
+// on the CPU (PyTorch 1.13: "batch_norm" not implemented for 'Half'); issue 9 compares our half
+// with the peers' bfloat16, on the same values.
+template <class T>
+struct peer_storage {
+  using type = T;
+};
+#if BN_BENCH_HAVE_BF16
+template <>
+struct peer_storage<__half> {
+  using type = __nv_bfloat16;
+};
+#endif
 
 // Max |a - b| / max(1, max |b|): differences relative to the output's scale.
 template <class A, class B>
@@ -161,14 +169,16 @@ struct Impl {
   std::vector<double> times;
 };
 
-// The inputs and the outputs of every implementation for one case.
-template <class T>
+// The inputs and the outputs of every implementation for one case; the peers' inputs hold x
+// and dy in the peers' storage type P (the same values when P is T).
+template <class T, class P = typename peer_storage<T>::type>
 struct Buffers {
-  std::vector<T> x, dy, y_ours, dx_ours, y_peer, dx_peer, copy;
+  std::vector<T> x, dy, y_ours, dx_ours, copy;
+  std::vector<P> x_peer, dy_peer, y_peer, dx_peer;
   std::vector<float> weight, bias, running_mean, running_var;
   std::vector<float> dweight_peer, dbias_peer;
   Buffers(std::int64_t n, std::int64_t c)
-      : x(n), dy(n), y_ours(n), dx_ours(n), y_peer(n), dx_peer(n), copy(n), weight(c), bias(c),
+      : x(n), dy(n), y_ours(n), dx_ours(n), copy(n), x_peer(n), dy_peer(n), y_peer(n), dx_peer(n), weight(c), bias(c),
         running_mean(c), running_var(c), dweight_peer(c), dbias_peer(c) {
     std::mt19937 gen(12345);
     std::normal_distribution<float> normal(0.f, 1.f);
@@ -177,6 +187,8 @@ struct Buffers {
     // for the values' distribution.
     for (std::int64_t i = 0; i < n; ++i) x[i] = from_float<T>(0.5f + 2.f * normal(gen));
     for (std::int64_t i = 0; i < n; ++i) dy[i] = from_float<T>(normal(gen));
+    for (std::int64_t i = 0; i < n; ++i) x_peer[i] = from_float<P>(static_cast<float>(as_double_any(x[i])));
+    for (std::int64_t i = 0; i < n; ++i) dy_peer[i] = from_float<P>(static_cast<float>(as_double_any(dy[i])));
     for (std::int64_t j = 0; j < c; ++j) {
       weight[j] = 0.5f + u(gen);
       bias[j] = u(gen) - 0.5f;
@@ -188,7 +200,8 @@ struct Buffers {
 
 // Tolerances on the scaled difference: float peers accumulate in float (errors up to ~1e-4 of
 // the scale measured in issue 9); bfloat16 outputs may round to neighbouring values (2^-8
-// relative) from slightly different float intermediates.
+// relative) from slightly different float intermediates; half against the peers' bfloat16 adds
+// bfloat16's rounding of the inputs (2^-9 relative).
 template <class T>
 double tolerance() {
   return sizeof(T) == 2 ? 1.0 / 64 : 1e-3;
@@ -214,9 +227,9 @@ int g_threads = 1;
 
 // ---------------------------------------------------------------------------------------------
 #if BN_BENCH_HAVE_TORCH
-template <class T>
+template <class P>
 at::ScalarType torch_dtype() {
-  return sizeof(T) == 2 ? at::kBFloat16 : at::kFloat;
+  return sizeof(P) == 2 ? at::kBFloat16 : at::kFloat;  // P: float or bfloat16 (peer_storage)
 }
 at::Tensor torch_wrap(void* p, const Case& c, at::ScalarType dt) {
   const auto& d = c.dims;
@@ -254,6 +267,7 @@ template <class T, int Dims>
 void run_case(benchmark::State& state, const Case& cs, Op op) {
   const std::int64_t n = numel(cs.dims), C = cs.dims[1];
   const std::size_t un = static_cast<std::size_t>(n);
+  using P = typename peer_storage<T>::type;  // the peers' storage type
   Buffers<T> b(n, C);
   const bn::Shape shape(cs.dims.data(), cs.dims.size(), cs.nhwc ? bn::Layout::channels_last : bn::Layout::contiguous);
 
@@ -322,8 +336,8 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   // ---- libtorch
   Impl torch{"torch", {}, false, -1, "missing", {}};
 #if BN_BENCH_HAVE_TORCH
-  const auto dt = torch_dtype<T>();
-  at::Tensor tx = torch_wrap(b.x.data(), cs, dt), tdy = torch_wrap(b.dy.data(), cs, dt);
+  const auto dt = torch_dtype<P>();
+  at::Tensor tx = torch_wrap(b.x_peer.data(), cs, dt), tdy = torch_wrap(b.dy_peer.data(), cs, dt);
   // Parameters as float (PyTorch's mixed bf16 mode); if the peer refuses that, bf16 params.
   std::vector<float> t_rm = b.running_mean, t_rv = b.running_var;
   at::Tensor tw = torch_vec(b.weight), tb = torch_vec(b.bias), trm = torch_vec(t_rm), trv = torch_vec(t_rv);
@@ -336,7 +350,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       };
       // PyTorch allocates y (and save_mean / save_invstd) per call: what its users pay.
       at::Tensor yl = torch_in_our_layout(std::get<0>(fwd()), cs);
-      std::memcpy(b.y_peer.data(), yl.data_ptr(), un * sizeof(T));
+      std::memcpy(b.y_peer.data(), yl.data_ptr(), un * sizeof(P));
       if (training)  // the running statistics after one update (unbiased variance, momentum 0.1)
         running_err = std::max(scaled_diff(t_rm.data(), ours_running_mean.data(), t_rm.size()),
                                scaled_diff(t_rv.data(), ours_running_var.data(), t_rv.size()));
@@ -349,7 +363,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       };
       auto r = bwd();
       at::Tensor dxl = torch_in_our_layout(std::get<0>(r), cs);
-      std::memcpy(b.dx_peer.data(), dxl.data_ptr(), un * sizeof(T));
+      std::memcpy(b.dx_peer.data(), dxl.data_ptr(), un * sizeof(P));
       at::Tensor dw = std::get<1>(r).to(at::kFloat).contiguous(), db = std::get<2>(r).to(at::kFloat).contiguous();
       std::memcpy(b.dweight_peer.data(), dw.data_ptr(), C * sizeof(float));
       std::memcpy(b.dbias_peer.data(), db.data_ptr(), C * sizeof(float));
@@ -369,14 +383,14 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   std::unordered_map<int, memory> d_args;
   try_check(onednn, [&] {
     auto& eng = dnnl_engine();
-    const auto ddt = sizeof(T) == 2 ? memory::data_type::bf16 : memory::data_type::f32;
+    const auto ddt = sizeof(P) == 2 ? memory::data_type::bf16 : memory::data_type::f32;
     const auto tag = cs.dims.size() == 2 ? memory::format_tag::nc
                      : cs.nhwc           ? memory::format_tag::nhwc
                                          : memory::format_tag::nchw;
     const memory::desc md(memory::dims(cs.dims.begin(), cs.dims.end()), ddt, tag);
     const memory::desc pmd({C}, memory::data_type::f32, memory::format_tag::a);
     const auto flags = nf::use_scale | nf::use_shift;
-    memory src(md, eng, b.x.data()), dst(md, eng, b.y_peer.data());
+    memory src(md, eng, b.x_peer.data()), dst(md, eng, b.y_peer.data());
     memory scale(pmd, eng, d_scale.data()), shift(pmd, eng, d_shift.data());
     memory mean(pmd, eng, d_mean.data()), var(pmd, eng, d_var.data());
     if (op == Op::infer) {
@@ -396,7 +410,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       d_prim = std::move(fprim);
       d_args = fargs;
     } else {
-      memory ddy(md, eng, b.dy.data()), ddx(md, eng, b.dx_peer.data());
+      memory ddy(md, eng, b.dy_peer.data()), ddx(md, eng, b.dx_peer.data());
       memory dscale(pmd, eng, b.dweight_peer.data()), dshift(pmd, eng, b.dbias_peer.data());
       dnnl::batch_normalization_backward::primitive_desc bpd(
           dnnl::batch_normalization_backward::desc(dnnl::prop_kind::backward, md, md, static_cast<float>(kEps), flags),
@@ -461,7 +475,8 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
 #ifdef _OPENMP
   k["omp_threads"] = omp_get_max_threads();
 #endif
-  state.SetLabel("torch " + torch.note + "; onednn " + onednn.note);
+  const std::string peers_in = std::is_same_v<P, T> ? "" : "; peers ran bf16 on the same values";
+  state.SetLabel("torch " + torch.note + "; onednn " + onednn.note + peers_in);
 }
 
 void register_all() {
@@ -470,23 +485,27 @@ void register_all() {
       {"nchw", {{8, 64, 112, 112}}},          {"nchw", {{8, 256, 56, 56}}}, {"nchw", {{8, 1024, 14, 14}}},
       {"nchw", {{8, 2048, 7, 7}}},            {"nchw", {{8, 4, 224, 224}}}, {"nc", {{125000, 50}}},
       {"nc", {{3136, 256}}},                  {"nc", {{128, 8192}}},        {"nhwc", {{8, 256, 56, 56}, true}},
-      {"nchw", {{8, 256, 56, 56}, false, true}},
+      {"nchw", {{8, 256, 56, 56}, false, Storage::bf16}},
+      {"nchw", {{8, 256, 56, 56}, false, Storage::fp16}},  // peers in bfloat16 (peer_storage)
   };
   for (Op op : {Op::train, Op::infer, Op::backward}) {
     for (const auto& entry : cases) {
       const std::string& layout = entry.first;
       const Case cs = entry.second;  // a variable, not a structured binding: lambdas capture it
-      const std::string name = std::string(op_name(op)) + "/" + layout + "/" + (cs.bf16 ? "bf16" : "fp32") + "/" +
+      const std::string name = std::string(op_name(op)) + "/" + layout + "/" + storage_name(cs.storage) + "/" +
                                dims_string(cs.dims, "x");
       benchmark::internal::Benchmark* bm = nullptr;
-      if (cs.bf16) {
+      if (cs.storage != Storage::fp32) {
 #if BN_BENCH_HAVE_BF16
         bm = benchmark::RegisterBenchmark(name.c_str(), [cs, op](benchmark::State& s) {
-          run_case<__nv_bfloat16, 2>(s, cs, op);
+          if (cs.storage == Storage::bf16)
+            run_case<__nv_bfloat16, 2>(s, cs, op);
+          else
+            run_case<__half, 2>(s, cs, op);
         });
 #else
         bm = benchmark::RegisterBenchmark(name.c_str(), [](benchmark::State& s) {
-          s.SkipWithError("bf16 needs <cuda_bf16.h> (the CUDA toolkit's include directory) at build time");
+          s.SkipWithError("bf16 and fp16 need <cuda_bf16.h> and <cuda_fp16.h> (the CUDA toolkit's include directory) at build time");
         });
 #endif
       } else if (cs.dims.size() == 2) {

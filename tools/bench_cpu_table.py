@@ -20,8 +20,8 @@ OPS = ("train", "backward", "infer")
 
 def shape_label(layout, dtype, dims):
     d = "(" + dims.replace("x", ",") + ")"
-    if dtype == "bf16":
-        return f"bf16 {layout.upper()} {d}"
+    if dtype in ("bf16", "fp16"):  # fp16: the peers ran bf16 (bench_cpu's peer_storage)
+        return f"{dtype} {layout.upper()} {d}"
     if layout == "nc":
         return f"BN1d {d}"
     if layout == "nhwc":
