@@ -143,14 +143,15 @@ __attribute__((optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_build_isa
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__AVX2__) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER) && !defined(BATCHNORM_NO_DISPATCH)
 #define BATCHNORM_CPU_DISPATCH 1
+#include <cpuid.h>
 #if defined(BATCHNORM_CPU_LOOP_PASSES)
 template <class F>
-__attribute__((target("avx2"), optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_avx2(F& f) {
+__attribute__((target("avx2,f16c"), optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_avx2(F& f) {
   f();
 }
 #else
 template <class F>
-__attribute__((target("avx2"), flatten)) void run_avx2(F& f) {
+__attribute__((target("avx2,f16c"), flatten)) void run_avx2(F& f) {
   f();
 }
 #endif
@@ -158,7 +159,7 @@ __attribute__((target("avx2"), flatten)) void run_avx2(F& f) {
 #if defined(BATCHNORM_CPU_LOOP_PASSES)
 #define BATCHNORM_CPU_DISPATCH_AVX512 1
 template <class F>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off", BATCHNORM_CPU_LOOP_PASSES),
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,f16c"), optimize("fp-contract=off", BATCHNORM_CPU_LOOP_PASSES),
                flatten)) void
 run_avx512(F& f) {
   f();
@@ -166,15 +167,25 @@ run_avx512(F& f) {
 #endif
 #endif
 
+#if defined(BATCHNORM_CPU_DISPATCH)
+/// Whether the processor converts half values (F16C, CPUID leaf 1 ECX bit 29; clang 14's
+/// __builtin_cpu_supports does not know the name). The AVX2 and AVX-512 versions use it
+/// (float_route.hpp, HalfConversion); every processor with AVX2 has had it so far.
+inline bool processor_has_f16c() {
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+#endif
+
 /// The widest instruction set this processor and this build can use.
 inline Isa best_isa() {
 #if defined(BATCHNORM_CPU_DISPATCH_AVX512)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && processor_has_f16c())
     return Isa::avx512;
 #endif
 #if defined(BATCHNORM_CPU_DISPATCH)
-  if (__builtin_cpu_supports("avx2")) return Isa::avx2;
+  if (__builtin_cpu_supports("avx2") && processor_has_f16c()) return Isa::avx2;
 #endif
   return Isa::baseline;
 }
@@ -195,6 +206,24 @@ inline std::atomic<int>& isa_in_use() {
     return best;
   }()};
   return isa;
+}
+
+/// The half conversion of the instruction set in use (float_route.hpp, HalfConversion): the
+/// AVX-512 and AVX2 versions of the loops (whose processors have F16C, checked) use the
+/// conversion instructions of their width; a build for an instruction set with them, its own.
+inline HalfConversion half_conversion_in_use() {
+#if defined(BATCHNORM_CPU_HALF_HARDWARE) && defined(BATCHNORM_CPU_DISPATCH)
+  const int isa = isa_in_use().load(std::memory_order_relaxed);
+  if (isa >= static_cast<int>(Isa::avx512)) return HalfConversion::avx512;
+  if (isa >= static_cast<int>(Isa::avx2)) return HalfConversion::f16c;
+  return HalfConversion::integer;
+#elif defined(BATCHNORM_CPU_HALF_HARDWARE) && defined(__AVX512F__)
+  return HalfConversion::avx512;
+#elif defined(BATCHNORM_CPU_HALF_HARDWARE) && defined(__F16C__)
+  return HalfConversion::f16c;
+#else
+  return HalfConversion::integer;
+#endif
 }
 
 /// f(), compiled for the instruction set in use (see above).
@@ -793,7 +822,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
           for (std::int64_t j = begin; j < end; ++j)
             normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
         };
-        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact), width);
+        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact, half_conversion_in_use()), width);
       }
       return;
     }
@@ -1026,7 +1055,7 @@ void normalize_run(const T* x, const T* residual, T* y, std::int64_t length, dou
   };
   if constexpr (!Residual && has_float_route<T>) {
     const SameFloatRoute route{float_route(mean, scale, bias)};
-    const std::int64_t done = route.k.usable ? normalize_float_route<Relu>(x, y, length, route, exact) : 0;
+    const std::int64_t done = route.k.usable ? normalize_float_route<Relu>(x, y, length, route, exact, half_conversion_in_use()) : 0;
     if (done == length) return;
     // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
     x += done;
