@@ -456,17 +456,35 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
 }
 
 /// wide[i] = x[i] widened to float (exact: half types), and acc[i mod Lanes] += x[i] − center as
-/// add_plane_deviations<false, Lanes> adds it (the same order, so the same bits).
+/// add_plane_deviations<false, Lanes> adds it (the same order, so the same bits). Half values
+/// with @p conversion's instructions are widened a block at a time first (float_route.hpp).
 template <std::int64_t Lanes, class T>
 void widen_adding_deviations(const T* __restrict x, std::int64_t length, double center, float* __restrict wide,
-                             double* __restrict acc) {
+                             double* __restrict acc, HalfConversion conversion) {
   using Format = typename convert<T>::format;
+  static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
+  const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
+  // [0, widened) already in wide (whole blocks, by the conversion instructions)
+  std::int64_t widened = 0;
+#if defined(BATCHNORM_CPU_HALF_HARDWARE)
+  if constexpr (std::is_same_v<Format, bits::half_format>) {
+    if (conversion != HalfConversion::integer) {
+      for (; widened + float_route_block <= length; widened += float_route_block) {
+        if (ahead) prefetch_ahead(x + widened, float_route_block);
+        if (conversion == HalfConversion::avx512) widen_halves_avx512(x + widened, wide + widened);
+        else widen_halves_f16c(x + widened, wide + widened);
+      }
+    }
+  }
+#endif
+  (void)conversion;
   auto step = [&](std::int64_t i, std::int64_t j) {
     wide[i] = Format::widen(bits_of(x + i));
     acc[j] += static_cast<double>(wide[i]) - center;
   };
-  const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
   std::int64_t i = 0;
+  for (; i < widened; i += Lanes)
+    for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += static_cast<double>(wide[i + j]) - center;
   for (; i + Lanes <= length; i += Lanes) {
     if (ahead) prefetch_ahead(x + i, Lanes);
     for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
@@ -887,8 +905,9 @@ Welford<double> plane_range_moments(const Geometry& g, const T* x, std::int64_t 
       // full-width vectors instead of converting every value twice.
       alignas(64) float wide[chunk_elements];
       std::int64_t k = 0;
+      const HalfConversion conversion = half_conversion_in_use();
       for_each_run(b, e, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
-        widen_adding_deviations<plane_lanes>(channel + n * plane_stride + s, length, pivot, wide + k, acc);
+        widen_adding_deviations<plane_lanes>(channel + n * plane_stride + s, length, pivot, wide + k, acc, conversion);
         k += length;
       });
       mean = pivot + sum_plane_lanes<plane_lanes>(acc) / static_cast<double>(m);
