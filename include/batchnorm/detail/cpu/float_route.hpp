@@ -242,13 +242,20 @@ using FloatGradientRouteLanes = RouteLanes<FloatGradientRoute>;
 
 /// One input-gradient value of the float route, from the bits of x and of the upstream gradient
 /// g (already masked by a fused relu: exact). @return as float_route_value.
+/// dx_f for the value @p x and upstream gradient @p g (floats, exact), and in @p bound its error
+/// bound (FloatGradientRoute).
+BN_CONVERT_INLINE float gradient_route_value(float x, float g, const FloatGradientRoute& k, float& bound) {
+  const float p = ((x - k.mean) - k.shift) * k.xmu_scale;
+  const float q = g * k.dy_scale;
+  bound = std::fabs(q) * 0x1.4p-22f + std::fabs(p) * 0x1.ep-22f + k.slack;
+  return (q + p) + k.constant;
+}
+
 template <class Format>
 BN_CONVERT_INLINE std::uint32_t float_gradient_value(std::uint16_t x, float g, const FloatGradientRoute& k,
                                                      std::uint16_t& out) {
-  const float p = ((Format::widen(x) - k.mean) - k.shift) * k.xmu_scale;
-  const float q = g * k.dy_scale;
-  const float dx = (q + p) + k.constant;
-  const float bound = std::fabs(q) * 0x1.4p-22f + std::fabs(p) * 0x1.ep-22f + k.slack;
+  float bound;
+  const float dx = gradient_route_value(Format::widen(x), g, k, bound);
   return round_when_clear<Format, false>(dx, bound, out);
 }
 
@@ -373,42 +380,60 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
 }
 
 /**
- * @brief The float route of normalize_float_route for half values, whole blocks, with the
- *        conversion instructions: a block's x widened at once, y_f and its check computed for
- *        each value as float_route_value does, the block rounded at once when no value missed
- *        (the instructions' nearest-even rounding is round_off_midpoint's off midpoints, and
- *        a value near one misses), the missed values by @p exact (redo_missed). Relu: max(y_f, 0), as
- *        rounding first and then clearing a negative (a value that rounds to 0 misses).
- * @param widen, narrow widen_halves_* and narrow_halves_* of one width
+ * @brief The float route for half values with the conversion instructions, whole blocks of
+ *        [0, length): @p widen_inputs(i) widens the block at i's inputs at once (into the
+ *        caller's buffers); @p value(i, j, bound) gives value i + j in float and its error
+ *        bound, checked as round_when_clear does, then passed through @p activate; the block
+ *        is rounded at once (the
+ *        instructions' nearest-even rounding is round_off_midpoint's off midpoints, and a value
+ *        near one misses), and the missed values are computed by @p exact (redo_missed).
+ *        A block's outputs are written after all of its inputs are read (out may be an input).
+ * @param narrow a narrow_halves_* of the width of the widening
  */
-template <bool Relu, class T, class Route, class Exact, class Widen, class Narrow>
-std::int64_t normalize_half_blocks(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact,
-                                   Widen&& widen, Narrow&& narrow) {
+template <class T, class WidenInputs, class Value, class Activate, class Exact, class Narrow>
+std::int64_t half_route_blocks(T* out, std::int64_t length, WidenInputs&& widen_inputs, Value&& value,
+                               Activate&& activate, Exact&& exact, Narrow&& narrow) {
   constexpr std::int64_t B = float_route_block;
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
-    float xf[B], yf[B];
+    float result[B];
     std::uint8_t misses[B];
-    widen(x + i, xf);
+    widen_inputs(i);
     std::uint32_t missed = 0;
     for (std::int64_t j = 0; j < B; ++j) {
       float bound;
-      const float v = route_value(xf[j], route(i + j), bound);
+      const float v = value(i, j, bound);
       const std::uint32_t miss = boundary_miss<bits::half_format>(v, bound);
       misses[j] = static_cast<std::uint8_t>(miss);
       missed |= miss;
-      yf[j] = Relu ? (v > 0.0f ? v : 0.0f) : v;
+      result[j] = activate(v);
     }
     if (missed == 0) {
-      narrow(yf, y + i);
+      narrow(result, out + i);
     } else {
       std::uint16_t block[B];
-      narrow(yf, block);
-      redo_missed(misses, i, y, block, exact);
-      std::memcpy(static_cast<void*>(y + i), block, sizeof block);
+      narrow(result, block);
+      redo_missed(misses, i, out, block, exact);
+      std::memcpy(static_cast<void*>(out + i), block, sizeof block);
     }
   }
   return i;
+}
+
+/// The widen and narrow functions of @p conversion (f16c or avx512) as f(widen, narrow).
+template <class F>
+BN_CONVERT_INLINE auto with_half_instructions(HalfConversion conversion, F&& f) {
+  if (conversion == HalfConversion::avx512)
+    return f([](const void* in, float* to) { widen_halves_avx512(in, to); },
+             [](const float* from, void* to) { narrow_halves_avx512(from, to); });
+  return f([](const void* in, float* to) { widen_halves_f16c(in, to); },
+           [](const float* from, void* to) { narrow_halves_f16c(from, to); });
+}
+
+/// Whether the float route of T takes half_route_blocks with @p conversion.
+template <class T>
+BN_CONVERT_INLINE bool takes_half_instructions(HalfConversion conversion) {
+  return std::is_same_v<typename convert<T>::format, bits::half_format> && conversion != HalfConversion::integer;
 }
 #endif
 
@@ -422,15 +447,16 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
                                    HalfConversion conversion) {
   using Format = typename convert<T>::format;
 #if defined(BATCHNORM_CPU_HALF_HARDWARE)
-  if constexpr (std::is_same_v<Format, bits::half_format>) {
-    if (conversion == HalfConversion::avx512)
-      return normalize_half_blocks<Relu>(
-          x, y, length, route, exact, [](const void* in, float* out) { widen_halves_avx512(in, out); },
-          [](const float* in, void* out) { narrow_halves_avx512(in, out); });
-    if (conversion == HalfConversion::f16c)
-      return normalize_half_blocks<Relu>(
-          x, y, length, route, exact, [](const void* in, float* out) { widen_halves_f16c(in, out); },
-          [](const float* in, void* out) { narrow_halves_f16c(in, out); });
+  if (takes_half_instructions<T>(conversion)) {
+    return with_half_instructions(conversion, [&](auto widen, auto narrow) {
+      float xf[float_route_block];
+      return half_route_blocks(
+          y, length, [&](std::int64_t i) { widen(x + i, xf); },
+          [&](std::int64_t i, std::int64_t j, float& bound) { return route_value(xf[j], route(i + j), bound); },
+          // relu: max(y_f, 0), as rounding first and then clearing a negative (a value that
+          // would round to 0 misses)
+          [](float v) { return Relu ? (v > 0.0f ? v : 0.0f) : v; }, exact, narrow);
+    });
   }
 #endif
   (void)conversion;

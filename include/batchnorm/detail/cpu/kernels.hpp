@@ -1279,11 +1279,33 @@ inline void input_gradient_at(const T* x, const T* dy, const T* y, T* dx, T* dre
   }
 }
 
-/// dx through the float route (float_route_blocks), @p route(i) the coefficients of value i.
+/// dx through the float route (float_route_blocks, or half_route_blocks with @p conversion's
+/// instructions), @p route(i) the coefficients of value i.
 template <bool Relu, class T, class Route, class Exact>
 std::int64_t input_gradient_float_route(const T* x, const T* dy, const T* y, T* dx, std::int64_t length,
-                                        const Route& route, Exact&& exact) {
+                                        const Route& route, Exact&& exact, HalfConversion conversion) {
   using Format = typename convert<T>::format;
+#if defined(BATCHNORM_CPU_HALF_HARDWARE)
+  if (takes_half_instructions<T>(conversion)) {
+    return with_half_instructions(conversion, [&](auto widen, auto narrow) {
+      float xf[float_route_block], gf[float_route_block], yf[Relu ? float_route_block : 1];
+      return half_route_blocks(
+          dx, length,
+          [&](std::int64_t i) {
+            widen(x + i, xf);
+            widen(dy + i, gf);
+            if constexpr (Relu) widen(y + i, yf);
+          },
+          [&](std::int64_t i, std::int64_t j, float& bound) {
+            float g = gf[j];
+            if constexpr (Relu) apply_relu_backward(g, yf[j]);
+            return gradient_route_value(xf[j], g, route(i + j), bound);
+          },
+          [](float v) { return v; }, exact, narrow);
+    });
+  }
+#endif
+  (void)conversion;
   return float_route_blocks(
       dx, length,
       [&](std::int64_t i, std::uint16_t& out) {
@@ -1309,7 +1331,8 @@ void input_gradient_part(const T* x, const T* dy, const T* y, T* dx, T* dresidua
   if constexpr (Dx && !Dres && Training && has_float_route<T>) {
     if (route.usable) {
       const std::int64_t done =
-          input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact);
+          input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact,
+                                           half_conversion_in_use());
       if (done == length) return;
       // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
       x += done;
@@ -1393,7 +1416,8 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
             input_gradient_at<Relu, true, false, true>(x + o, dy + o, yr, dx + o, dresidual, j, mean[j], shift[j],
                                                        dy_scale[j], xmu_scale[j], constant[j]);
         };
-        exact(input_gradient_float_route<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact), width);
+        exact(input_gradient_float_route<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact, half_conversion_in_use()),
+              width);
       }
       return;
     }
