@@ -30,6 +30,11 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+// After the library's headers on purpose: the library includes <cpuid.h> itself, and a consumer
+// that includes it later must still find its functions in the global namespace.
+#if defined(BATCHNORM_CPU_DISPATCH)
+#include <cpuid.h>
+#endif
 
 #include "support/common.hpp"
 #include "support/reference.hpp"
@@ -545,5 +550,17 @@ TEST(CpuPathsEdges, UnfusedForwardIsThePhases) {
   EXPECT_EQ(y, y2);
   for (std::int64_t f = 0; f < F; ++f) EXPECT_EQ(static_cast<float>(norm[1 + f]), sm[f]);
 }
+
+#if defined(BATCHNORM_CPU_DISPATCH)
+// The AVX2 and AVX-512 versions convert half values with F16C: they are chosen only on a
+// processor that has it (CPUID leaf 1, ECX bit 29, read here independently).
+TEST(CpuPathsEdges, InstructionSetVersionsNeedF16C) {
+  namespace ci = batchnorm::detail::cpu_impl;
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool f16c = ::__get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && ((ecx >> 29) & 1u) != 0;
+  EXPECT_EQ(ci::processor_has_f16c(), f16c);
+  if (!f16c) EXPECT_EQ(ci::best_isa(), ci::Isa::baseline);
+}
+#endif
 
 }  // namespace

@@ -52,6 +52,11 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+// The x86 CPUID helpers (processor_has_f16c), where the loops have instruction-set versions.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__CUDACC__) && \
+    !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER)
+#include <cpuid.h>
+#endif
 
 #include "../../args.hpp"
 #include "../../options.hpp"
@@ -143,7 +148,6 @@ __attribute__((optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_build_isa
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__AVX2__) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER) && !defined(BATCHNORM_NO_DISPATCH)
 #define BATCHNORM_CPU_DISPATCH 1
-#include <cpuid.h>
 #if defined(BATCHNORM_CPU_LOOP_PASSES)
 template <class F>
 __attribute__((target("avx2,f16c"), optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_avx2(F& f) {
