@@ -559,7 +559,9 @@ TEST(CpuPathsEdges, InstructionSetVersionsNeedF16C) {
   unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
   const bool f16c = ::__get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && ((ecx >> 29) & 1u) != 0;
   EXPECT_EQ(ci::processor_has_f16c(), f16c);
-  if (!f16c) EXPECT_EQ(ci::best_isa(), ci::Isa::baseline);
+  if (!f16c) {
+    EXPECT_EQ(ci::best_isa(), ci::Isa::baseline);
+  }
 }
 #endif
 
