@@ -122,10 +122,14 @@ inline constexpr std::int64_t prefetch_segment = 64;
 // count is not known to divide the vector width scalar: every loop here. A consumer building
 // with -O2 (CMake's RelWithDebInfo, most distributions' flags) got 2–4× the -O3 time (fp32
 // (8, 256, 56, 56), 1 thread: inference 3.6 vs 1.2 ms, backward 8.3 vs 3.2 ms; the same with
-// -march=native). So with GCC every version of the loops is compiled with the loop passes that
+// -march=native). So with GCC the AVX2 and AVX-512 versions are compiled with the loop passes that
 // -O3 adds to -O2 (GCC 12's list; the cost model alone left training forward at 3.3 vs 2.9 ms,
-// loop unswitching and peeling among the rest closed it). They change no result: no
-// floating-point option is among them (tests/cpu_paths_test.cpp compares the versions' bits).
+// loop unswitching and peeling among the rest closed it). The version for the build's own
+// instruction set (-march=native, BATCHNORM_NO_DISPATCH, a processor without AVX2) does not
+// get them: the passes reach only code inlined into the attributed function, so it would have
+// to be flattened too, which made such builds compile 1.7× slower (layout_test 18.5 → 31.3 s).
+// They change no result: no floating-point option is among them (tests/cpu_paths_test.cpp
+// compares the versions' bits).
 // At -O0 GCC runs no optimization pass, whatever the attribute says; at -O1 the vectorizer
 // stays off.
 
@@ -138,11 +142,6 @@ enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
   "vect-cost-model=dynamic", "unswitch-loops", "peel-loops", "split-loops", "split-paths", "predictive-commoning", \
       "tree-loop-distribution", "tree-partial-pre", "version-loops-for-strides", "loop-interchange",              \
       "loop-unroll-and-jam", "gcse-after-reload", "ipa-cp-clone"
-/// f() compiled for the build's instruction set, with -O3's loop passes (above).
-template <class F>
-__attribute__((optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_build_isa(F& f) {
-  f();
-}
 #endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__AVX2__) && \
@@ -240,11 +239,7 @@ void run_vectorized(F&& f) {
 #endif
   if (isa >= static_cast<int>(Isa::avx2)) return run_avx2(f);
 #endif
-#if defined(BATCHNORM_CPU_LOOP_PASSES)
-  run_build_isa(f);
-#else
   f();
-#endif
 }
 
 // ---- threads ----
