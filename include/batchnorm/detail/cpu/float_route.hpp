@@ -49,14 +49,10 @@
 #include <type_traits>
 
 #include "../convert.hpp"
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__CUDACC__) && \
-    !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER)
-#define BATCHNORM_CPU_HALF_HARDWARE 1
-#include <immintrin.h>
-#endif
+#include "target.hpp"
 
 namespace batchnorm::detail::cpu_impl {
+BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /// Whether T is a 16-bit type with a float route (convert<T>::format, see bits::bfloat16_format).
 template <class T, class = void>
@@ -321,7 +317,7 @@ std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exac
     for (std::int64_t j = 0; j < B; ++j) {
       const std::uint32_t miss = value(i + j, block[j]);
       if constexpr (per_value) misses[j] = static_cast<std::uint8_t>(miss);
-      missed |= miss;
+      missed |= miss & 1u;  // the low bit only: see half_route_blocks
     }
     if constexpr (per_value) {
       if (missed != 0) redo_missed(misses, i, out, block, exact);
@@ -347,7 +343,8 @@ std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exac
  */
 enum class HalfConversion { integer, f16c, avx512 };
 
-#if defined(BATCHNORM_CPU_HALF_HARDWARE)
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+BATCHNORM_CPU_INLINE_ALL_END  // functions with target attributes of their own (target.hpp)
 /// float_route_block halves at @p in to floats at @p out, 8 at a time (F16C).
 __attribute__((target("f16c"))) inline void widen_halves_f16c(const void* in, float* out) {
   const auto* h = static_cast<const std::uint16_t*>(in);
@@ -378,6 +375,7 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
                         _mm512_maskz_cvtps_ph(all_16_lanes, _mm512_loadu_ps(in + j),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /**
  * @brief The float route for half values with the conversion instructions, whole blocks of
@@ -405,7 +403,9 @@ std::int64_t half_route_blocks(T* out, std::int64_t length, WidenInputs&& widen_
       const float v = value(i, j, bound);
       const std::uint32_t miss = boundary_miss<bits::half_format>(v, bound);
       misses[j] = static_cast<std::uint8_t>(miss);
-      missed |= miss;
+      // The low bit only: clang 14 does not vectorize an or-reduction of the whole mask (the
+      // loop then ran one value at a time, 10× GCC's time on half inference).
+      missed |= miss & 1u;
       result[j] = activate(v);
     }
     if (missed == 0) {
@@ -446,7 +446,7 @@ template <bool Relu, class T, class Route, class Exact>
 std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact,
                                    HalfConversion conversion) {
   using Format = typename convert<T>::format;
-#if defined(BATCHNORM_CPU_HALF_HARDWARE)
+#if defined(BATCHNORM_CPU_X86_TARGETS)
   if (takes_half_instructions<T>(conversion)) {
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block];
@@ -466,4 +466,5 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
       exact);
 }
 
+BATCHNORM_CPU_INLINE_ALL_END
 }  // namespace batchnorm::detail::cpu_impl

@@ -52,11 +52,6 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-// The x86 CPUID helpers (processor_has_f16c), where the loops have instruction-set versions.
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__CUDACC__) && \
-    !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER)
-#include <cpuid.h>
-#endif
 
 #include "../../args.hpp"
 #include "../../options.hpp"
@@ -64,6 +59,7 @@
 #include "../convert.hpp"
 #include "../moments.hpp"
 #include "float_route.hpp"
+#include "target.hpp"
 
 namespace batchnorm::detail::cpu_impl {
 
@@ -110,8 +106,9 @@ inline constexpr std::int64_t prefetch_segment = 64;
 // ---- instruction set ----
 // The library is headers compiled with the consumer's flags, often the x86-64 baseline (SSE2:
 // two doubles per vector). Where the compiler allows it, each loop is also compiled for AVX2 and
-// for AVX-512 (target attribute, everything inlined into it by flatten) and the widest the
-// processor has is chosen at run time. Never with FMA contraction (AVX2 without the fma target;
+// for AVX-512 (target attribute, everything inlined into it by flatten; with clang, whose
+// flatten reaches one level, by always_inline too: target.hpp) and the widest the processor has
+// is chosen at run time. Never with FMA contraction (AVX2 without the fma target;
 // AVX-512, whose F subset includes FMA, with fp-contract=off): every version rounds every
 // operation the same way, and the lane structure of the loops is explicit (not the vector
 // width), so all versions give the same bits (tested: cpu_paths_test, SameBitsForEveryIsa).
@@ -144,20 +141,17 @@ enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
       "loop-unroll-and-jam", "gcse-after-reload", "ipa-cp-clone"
 #endif
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__AVX2__) && \
-    !defined(__CUDACC__) && !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER) && !defined(BATCHNORM_NO_DISPATCH)
-#define BATCHNORM_CPU_DISPATCH 1
 #if defined(BATCHNORM_CPU_LOOP_PASSES)
-template <class F>
-__attribute__((target("avx2,f16c"), optimize(BATCHNORM_CPU_LOOP_PASSES), flatten)) void run_avx2(F& f) {
-  f();
-}
+#define BATCHNORM_CPU_WITH_LOOP_PASSES optimize(BATCHNORM_CPU_LOOP_PASSES),
 #else
+#define BATCHNORM_CPU_WITH_LOOP_PASSES
+#endif
+
+#if defined(BATCHNORM_CPU_DISPATCH)  // target.hpp
 template <class F>
-__attribute__((target("avx2,f16c"), flatten)) void run_avx2(F& f) {
+__attribute__((target("avx2,f16c"), BATCHNORM_CPU_WITH_LOOP_PASSES flatten)) void run_avx2(F& f) {
   f();
 }
-#endif
 // GCC only: clang ignores the optimize attribute and would contract a·b + c into an FMA.
 #if defined(BATCHNORM_CPU_LOOP_PASSES)
 #define BATCHNORM_CPU_DISPATCH_AVX512 1
@@ -169,6 +163,9 @@ run_avx512(F& f) {
 }
 #endif
 #endif
+
+// Every function from here on is inlined into the versions above, with clang too (target.hpp).
+BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 #if defined(BATCHNORM_CPU_DISPATCH)
 /// Whether the processor converts half values (F16C, CPUID leaf 1 ECX bit 29; clang 14's
@@ -215,14 +212,14 @@ inline std::atomic<int>& isa_in_use() {
 /// AVX-512 and AVX2 versions of the loops (whose processors have F16C, checked) use the
 /// conversion instructions of their width; a build for an instruction set with them, its own.
 inline HalfConversion half_conversion_in_use() {
-#if defined(BATCHNORM_CPU_HALF_HARDWARE) && defined(BATCHNORM_CPU_DISPATCH)
+#if defined(BATCHNORM_CPU_X86_TARGETS) && defined(BATCHNORM_CPU_DISPATCH)
   const int isa = isa_in_use().load(std::memory_order_relaxed);
   if (isa >= static_cast<int>(Isa::avx512)) return HalfConversion::avx512;
   if (isa >= static_cast<int>(Isa::avx2)) return HalfConversion::f16c;
   return HalfConversion::integer;
-#elif defined(BATCHNORM_CPU_HALF_HARDWARE) && defined(__AVX512F__)
+#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
   return HalfConversion::avx512;
-#elif defined(BATCHNORM_CPU_HALF_HARDWARE) && defined(__F16C__)
+#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__F16C__)
   return HalfConversion::f16c;
 #else
   return HalfConversion::integer;
@@ -465,15 +462,16 @@ void widen_adding_deviations(const T* __restrict x, std::int64_t length, double 
   const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
   // [0, widened) already in wide (whole blocks, by the conversion instructions)
   std::int64_t widened = 0;
-#if defined(BATCHNORM_CPU_HALF_HARDWARE)
-  if constexpr (std::is_same_v<Format, bits::half_format>) {
-    if (conversion != HalfConversion::integer) {
-      for (; widened + float_route_block <= length; widened += float_route_block) {
-        if (ahead) prefetch_ahead(x + widened, float_route_block);
-        if (conversion == HalfConversion::avx512) widen_halves_avx512(x + widened, wide + widened);
-        else widen_halves_f16c(x + widened, wide + widened);
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  if (takes_half_instructions<T>(conversion)) {
+    widened = with_half_instructions(conversion, [&](auto widen, auto) {
+      std::int64_t blocks_end = 0;
+      for (; blocks_end + float_route_block <= length; blocks_end += float_route_block) {
+        if (ahead) prefetch_ahead(x + blocks_end, float_route_block);
+        widen(x + blocks_end, wide + blocks_end);
       }
-    }
+      return blocks_end;
+    });
   }
 #endif
   (void)conversion;
@@ -1284,7 +1282,7 @@ template <bool Relu, class T, class Route, class Exact>
 std::int64_t input_gradient_float_route(const T* x, const T* dy, const T* y, T* dx, std::int64_t length,
                                         const Route& route, Exact&& exact, HalfConversion conversion) {
   using Format = typename convert<T>::format;
-#if defined(BATCHNORM_CPU_HALF_HARDWARE)
+#if defined(BATCHNORM_CPU_X86_TARGETS)
   if (takes_half_instructions<T>(conversion)) {
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block], gf[float_route_block], yf[Relu ? float_route_block : 1];
@@ -1587,4 +1585,5 @@ void fused_backward_planes(const Geometry& g, const T* x, const T* dy, const T* 
   });
 }
 
+BATCHNORM_CPU_INLINE_ALL_END
 }  // namespace batchnorm::detail::cpu_impl
