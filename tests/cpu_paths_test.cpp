@@ -67,6 +67,8 @@ std::vector<PathCase> path_cases() {
       {"rows narrow (N, C)", {12007, 3}, Layout::contiguous, Mode::per_channel},
       {"rows (N, C), C = 50", {2501, 50}, Layout::contiguous, Mode::per_channel},
       {"rows wide, column blocks", {67, 1100}, Layout::contiguous, Mode::per_channel},
+      // features over threads too (for_each_feature: 2048 features and more), five tasks
+      {"rows, 4099 features", {6, 4099}, Layout::contiguous, Mode::per_channel},
       {"rows NHWC", {5, 7, 9, 11}, Layout::channels_last, Mode::per_channel},
       {"rows NHWC, many row blocks", {9, 6, 37, 41}, Layout::channels_last, Mode::per_channel},
       {"rows per-activation", {33, 3, 5, 7}, Layout::contiguous, Mode::per_activation},

@@ -35,15 +35,19 @@ void finalize_batch_statistics(std::int64_t features, std::int64_t n, double* me
                                double* biased_var, span<P> running_mean, span<P> running_var, double factor,
                                bool skip_nonfinite, std::int64_t* skipped) {
   // No allocation: nothing here can throw (forward's fused path has already written y).
-  bool all_finite = true;
-  for (std::int64_t f = 0; f < features; ++f) all_finite = all_finite && is_finite_as<P>(finalize(Welford<double>{mean[f], m2[f], n}));
-  for (std::int64_t f = 0; f < features; ++f) {
+  // The finiteness check only where it decides something: finalize's divisions are most of a
+  // feature's cost.
+  bool update = running_mean.data != nullptr;
+  if (update && skip_nonfinite) {
+    for (std::int64_t f = 0; f < features && update; ++f) update = is_finite_as<P>(finalize(Welford<double>{mean[f], m2[f], n}));
+    if (!update && skipped) increment_saturating(*skipped);
+  }
+  for_each_feature(features, [&](std::int64_t f) {
     const FeatureStats<double> stats = finalize(Welford<double>{mean[f], m2[f], n});
     mean[f] = stats.mean;
     biased_var[f] = stats.biased_var;
-    if (running_mean.data && (all_finite || !skip_nonfinite)) update_running(running_mean[f], running_var[f], stats, factor);
-  }
-  if (running_mean.data && !(all_finite || !skip_nonfinite) && skipped) increment_saturating(*skipped);
+    if (update) update_running(running_mean[f], running_var[f], stats, factor);
+  });
 }
 
 }  // namespace batchnorm::detail::cpu_impl
@@ -87,19 +91,18 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
     detail::cpu_impl::finalize_batch_statistics(features, n, mean, m2, var, a.running_mean, a.running_var,
                                                 c.exponential_average_factor, c.skip_nonfinite_updates,
                                                 a.skipped_updates);
-  } else {
-    for (std::int64_t f = 0; f < features; ++f) {
+  }
+
+  ci::for_each_feature(features, [&](std::int64_t f) {
+    if (!c.batch_statistics) {
       mean[f] = static_cast<double>(a.running_mean[f]);
       var[f] = static_cast<double>(a.running_var[f]);
     }
-  }
-
-  for (std::int64_t f = 0; f < features; ++f) {
     const double invstd = detail::inverse_std(var[f], c.eps);
     if (a.save_mean.data) a.save_mean[f] = static_cast<P>(mean[f]);
     if (a.save_invstd.data) a.save_invstd[f] = static_cast<P>(invstd);
     affine[f] = detail::normalize_affine(mean[f], invstd, value_or(a.weight, f, 1.0), value_or(a.bias, f, 0.0));
-  }
+  });
   if (!fused) detail::cpu_impl::normalize_elements(shape, c.mode, a.x, a.residual, c.activation, affine, a.y);
 }
 
@@ -139,7 +142,7 @@ void backward(cpu, const Shape& shape, const BackwardArgs<T>& a, const BackwardC
   }
   std::fill(sums, sums + features, detail::BackwardSums<double>{});
   ci::gradient_sums_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, mean, sums);
-  for (std::int64_t f = 0; f < features; ++f) k[f] = coefficients(f, sums[f]);
+  ci::for_each_feature(features, [&](std::int64_t f) { k[f] = coefficients(f, sums[f]); });
   ci::input_gradient_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, mean, k, c.batch_statistics, a.dx,
                               a.dresidual);
 }

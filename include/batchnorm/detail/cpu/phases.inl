@@ -51,17 +51,19 @@ void merge_statistics(cpu, std::int64_t features, const MergeArgs<P>& a, const M
     return;
   }
   // Running statistics: all features or none (skip_nonfinite_updates), as forward.
-  bool all_finite = true;
-  for (std::int64_t f = 0; f < features; ++f) all_finite = all_finite && detail::is_finite_as<P>(detail::finalize(merged[f]));
-  const bool update = a.running_mean.data != nullptr && (all_finite || !c.skip_nonfinite_updates);
-  if (a.running_mean.data != nullptr && !update && a.skipped_updates) detail::increment_saturating(*a.skipped_updates);
+  bool update = a.running_mean.data != nullptr;
+  if (update && c.skip_nonfinite_updates) {
+    for (std::int64_t f = 0; f < features && update; ++f) update = detail::is_finite_as<P>(detail::finalize(merged[f]));
+    if (!update && a.skipped_updates) detail::increment_saturating(*a.skipped_updates);
+  }
   out[0] = total;
-  for (std::int64_t f = 0; f < features; ++f)
+  ci::for_each_feature(features, [&](std::int64_t f) {
     detail::finalize_merged_feature(merged[f], c.eps, c.exponential_average_factor, out + 1 + f,
                                     out + 1 + features + f, update ? a.running_mean.data + f : nullptr,
                                     update ? a.running_var.data + f : nullptr,
                                     a.save_mean.data ? a.save_mean.data + f : nullptr,
                                     a.save_invstd.data ? a.save_invstd.data + f : nullptr);
+  });
 }
 
 template <class T>
@@ -117,17 +119,15 @@ void input_gradient(cpu, const Shape& shape, const InputGradientArgs<T>& a, cons
   namespace ci = detail::cpu_impl;
   auto* k = ci::scratch<detail::BackwardCoefficients<double>>(ci::Scratch::feature_c, features);
   ci::reserve_scratch<T>(shape, c.mode);
-  for (std::int64_t f = 0; f < features; ++f) {
+  ci::for_each_feature(features, [&](std::int64_t f) {
     // Σ(x − mean) is 0: the mean is the merged one, in double (no saved-mean rounding to undo).
     const detail::BackwardSums<double> sums{a.gradient_sums[f], a.gradient_sums[features + f], 0.0};
     k[f] = total > 0.0 ? detail::backward_coefficients(sums, rec[1 + features + f], value_or(a.weight, f, 1.0),
                                                        static_cast<std::int64_t>(total), true)
                        : detail::BackwardCoefficients<double>{0, 0, 0, 0, 0, 0};
-  }
-  for (std::int64_t f = 0; f < features; ++f) {
     detail::store_gradient(a.grad_weight.data ? a.grad_weight.data + f : nullptr, k[f].grad_weight, c.accumulate);
     detail::store_gradient(a.grad_bias.data ? a.grad_bias.data + f : nullptr, k[f].grad_bias, c.accumulate);
-  }
+  });
   if (numel == 0) return;
   detail::cpu_impl::input_gradient_elements(shape, c.mode, a.x, a.dy, a.y, c.activation, rec + 1, k, true,
                                             a.dx, a.dresidual);
