@@ -9,14 +9,15 @@
  *   time, because the build's own flags stop below AVX2 and BATCHNORM_NO_DISPATCH is not set.
  * - BATCHNORM_CPU_INLINE_ALL_BEGIN / _END: around the loops' code. A version is a function with
  *   a target attribute and `flatten`, so that the loops it calls are compiled into it for its
- *   instruction set. GCC's flatten inlines the whole call tree. Clang's (up to clang 22, LLVM
- *   issue 60689) inlines only the calls written in the function itself: every loop below them
- *   stayed a separate function compiled for the build's flags (x86-64: SSE2), so a clang build
- *   ran at 2.8× GCC's time on a float (8, 256, 56, 56) training forward and at 10–20× on half
- *   inference (harness, 1 thread, clang 14 -O3). With clang and dispatch, the functions between
- *   the markers are therefore declared always_inline (clang's attribute pragma), which makes the
- *   one level clang flattens reach every loop. Functions with a target attribute of their own
- *   stay outside the markers (clang refuses to force them into a caller without that target).
+ *   instruction set. GCC's flatten inlines the whole call tree. Clang's (clang 14 here; LLVM
+ *   issue 60689, made recursive only in 2026) inlines only the calls written in the function
+ *   itself: every loop below them stayed a separate function compiled for the build's flags
+ *   (x86-64: SSE2), so a clang build ran at about 2× GCC's time on float (8, 256, 56, 56) and at
+ *   10× on half inference (harness, 1 thread, clang 14 -O3). With clang and dispatch, the
+ *   functions between the markers are therefore declared always_inline (clang's attribute
+ *   pragma), which makes the one level clang flattens reach every loop. Functions with a target
+ *   attribute of their own stay outside the markers (clang refuses to force them into a caller
+ *   without that target).
  */
 #pragma once
 
