@@ -23,31 +23,22 @@ double value_or(const span<E>& s, std::int64_t i, double fallback) {
 }
 
 /**
- * @brief Turns F features' (mean, M2) over @p n values into mean and biased variance (in
- *        place of @p mean, into @p biased_var), and updates the running statistics with the
- *        unbiased variance, as PyTorch does; with @p skip_nonfinite they are left untouched
- *        (and *@p skipped incremented, saturating) when any feature's statistics, rounded to
- *        @p P as they would be stored, are not finite.
- *        Forward and phases::merge_statistics share it.
+ * @brief Whether a training step folds its statistics into the running statistics: they are
+ *        given (@p tracked), and with @p skip_nonfinite every feature's statistics, finalized
+ *        from @p welford(f) and rounded to @p P as they would be stored, are finite (all
+ *        features are updated or none); a skipped update increments *@p skipped (saturating). Forward and phases::merge_statistics share it.
+ *        The check runs only where it decides something: finalize's divisions are most of a
+ *        feature's cost.
  */
-template <class P>
-void finalize_batch_statistics(std::int64_t features, std::int64_t n, double* mean, const double* m2,
-                               double* biased_var, span<P> running_mean, span<P> running_var, double factor,
-                               bool skip_nonfinite, std::int64_t* skipped) {
-  // No allocation: nothing here can throw (forward's fused path has already written y).
-  // The finiteness check only where it decides something: finalize's divisions are most of a
-  // feature's cost.
-  bool update = running_mean.data != nullptr;
+template <class P, class WelfordOf>
+bool updates_running_statistics(std::int64_t features, WelfordOf&& welford, bool tracked, bool skip_nonfinite,
+                                std::int64_t* skipped) {
+  bool update = tracked;
   if (update && skip_nonfinite) {
-    for (std::int64_t f = 0; f < features && update; ++f) update = is_finite_as<P>(finalize(Welford<double>{mean[f], m2[f], n}));
+    for (std::int64_t f = 0; f < features && update; ++f) update = is_finite_as<P>(finalize(welford(f)));
     if (!update && skipped) increment_saturating(*skipped);
   }
-  for_each_feature(features, [&](std::int64_t f) {
-    const FeatureStats<double> stats = finalize(Welford<double>{mean[f], m2[f], n});
-    mean[f] = stats.mean;
-    biased_var[f] = stats.biased_var;
-    if (update) update_running(running_mean[f], running_var[f], stats, factor);
-  });
+  return update;
 }
 
 }  // namespace batchnorm::detail::cpu_impl
@@ -68,16 +59,16 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
   // updated and y unwritten.
   namespace ci = detail::cpu_impl;
   double* mean = ci::scratch<double>(ci::Scratch::feature_a, features);
-  double* var = ci::scratch<double>(ci::Scratch::feature_b, features);  // biased (used to normalize)
   auto* affine = ci::scratch<detail::Affine<double>>(ci::Scratch::feature_c, features);
   double* m2 = ci::scratch<double>(ci::Scratch::feature_d, features);
   ci::reserve_scratch<T>(shape, c.mode);
   const bool fused = c.batch_statistics && ci::fusable<T>(shape, c.mode);
+  const std::int64_t n = reduction_count(shape, c.mode);
+  bool update = false;  // the running statistics take this batch's
   if (c.batch_statistics) {
-    const std::int64_t n = reduction_count(shape, c.mode);
     if (fused) {
       // Statistics and normalization per channel while it is in cache. The affine map is the
-      // one computed below from finalize_batch_statistics' variance (same operations, same bits).
+      // one computed below from the finalized variance (same operations, same bits).
       auto make_affine = [&](std::int64_t f, double mean_f, double m2_f) {
         const double biased_var = detail::finalize(detail::Welford<double>{mean_f, m2_f, n}).biased_var;
         return detail::normalize_affine(mean_f, detail::inverse_std(biased_var, c.eps), value_or(a.weight, f, 1.0),
@@ -88,17 +79,26 @@ void forward(cpu, const Shape& shape, const ForwardArgs<T>& a, const ForwardConf
     } else {
       detail::cpu_impl::shard_moments(shape, c.mode, a.x, mean, m2);
     }
-    detail::cpu_impl::finalize_batch_statistics(features, n, mean, m2, var, a.running_mean, a.running_var,
-                                                c.exponential_average_factor, c.skip_nonfinite_updates,
-                                                a.skipped_updates);
+    update = ci::updates_running_statistics<P>(
+        features, [&](std::int64_t f) { return detail::Welford<double>{mean[f], m2[f], n}; },
+        a.running_mean.data != nullptr, c.skip_nonfinite_updates, a.skipped_updates);
   }
 
+  // One pass over the features (nothing here can throw: the fused path has already written y):
+  // the batch's mean and biased variance (running statistics updated with the unbiased one, as
+  // PyTorch does), or the running statistics; then the affine map.
   ci::for_each_feature(features, [&](std::int64_t f) {
-    if (!c.batch_statistics) {
+    double var = 0.0;
+    if (c.batch_statistics) {
+      const detail::FeatureStats<double> stats = detail::finalize(detail::Welford<double>{mean[f], m2[f], n});
+      mean[f] = stats.mean;
+      var = stats.biased_var;
+      if (update) detail::update_running(a.running_mean[f], a.running_var[f], stats, c.exponential_average_factor);
+    } else {
       mean[f] = static_cast<double>(a.running_mean[f]);
-      var[f] = static_cast<double>(a.running_var[f]);
+      var = static_cast<double>(a.running_var[f]);
     }
-    const double invstd = detail::inverse_std(var[f], c.eps);
+    const double invstd = detail::inverse_std(var, c.eps);
     if (a.save_mean.data) a.save_mean[f] = static_cast<P>(mean[f]);
     if (a.save_invstd.data) a.save_invstd[f] = static_cast<P>(invstd);
     affine[f] = detail::normalize_affine(mean[f], invstd, value_or(a.weight, f, 1.0), value_or(a.bias, f, 0.0));

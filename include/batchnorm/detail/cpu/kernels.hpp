@@ -212,7 +212,7 @@ inline std::atomic<int>& isa_in_use() {
 /// AVX-512 and AVX2 versions of the loops (whose processors have F16C, checked) use the
 /// conversion instructions of their width; a build for an instruction set with them, its own.
 inline HalfConversion half_conversion_in_use() {
-#if defined(BATCHNORM_CPU_X86_TARGETS) && defined(BATCHNORM_CPU_DISPATCH)
+#if defined(BATCHNORM_CPU_DISPATCH)  // (implies BATCHNORM_CPU_X86_TARGETS)
   const int isa = isa_in_use().load(std::memory_order_relaxed);
   if (isa >= static_cast<int>(Isa::avx512)) return HalfConversion::avx512;
   if (isa >= static_cast<int>(Isa::avx2)) return HalfConversion::f16c;

@@ -51,11 +51,9 @@ void merge_statistics(cpu, std::int64_t features, const MergeArgs<P>& a, const M
     return;
   }
   // Running statistics: all features or none (skip_nonfinite_updates), as forward.
-  bool update = a.running_mean.data != nullptr;
-  if (update && c.skip_nonfinite_updates) {
-    for (std::int64_t f = 0; f < features && update; ++f) update = detail::is_finite_as<P>(detail::finalize(merged[f]));
-    if (!update && a.skipped_updates) detail::increment_saturating(*a.skipped_updates);
-  }
+  const bool update = ci::updates_running_statistics<P>(
+      features, [&](std::int64_t f) { return merged[f]; }, a.running_mean.data != nullptr, c.skip_nonfinite_updates,
+      a.skipped_updates);
   out[0] = total;
   ci::for_each_feature(features, [&](std::int64_t f) {
     detail::finalize_merged_feature(merged[f], c.eps, c.exponential_average_factor, out + 1 + f,
