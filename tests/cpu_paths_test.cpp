@@ -448,6 +448,49 @@ TYPED_TEST(CpuPaths, ConstantFeaturesGiveExactlyTheBias) {
   });
 }
 
+// Rows statistics read a chunk once for Σd and Σd² about a center (the chunk's first row, or
+// the running mean of the chunks before it) and take M2 = Σd² − (Σd)²/m, which loses
+// log2(Σd² / M2) bits; past 6 bits the chunk is taken again in two passes. A first row far
+// above the rest (1000 over N(0, 1)) puts Σd² / M2 near the chunk's row count. Measured on
+// doubles (standalone, the same data): the single-pass M2 alone was off by up to 6.5e-12 on
+// (12007, 3) (10922-row chunks) and 7e-13 on (2501, 50); with the two passes, 1.3e-15 there and
+// 6.3e-14 on (67, 1100). Planes keep two passes everywhere and are not asked this much: the
+// unfused case merges three tasks per channel to 1.6e-12 on this data.
+TYPED_TEST(CpuPaths, OutlyingFirstRowKeepsTheRowsVarianceExact) {
+  using T = TypeParam;
+  for_each_loop_family([&] {
+    for (const PathCase& k : path_cases()) {
+      if (std::string(k.path).rfind("rows", 0) != 0) continue;
+      SCOPED_TRACE(k.path);
+      const Shape shape = bn_test::make_shape(k.extents, k.layout);
+      const std::int64_t F = batchnorm::feature_count(shape, k.mode), numel = shape.numel();
+      std::vector<double> v = bnref::normal(numel, 61);
+      // the values of the first memory row: one position of NHWC per-channel, else a sample
+      const bool positions = k.layout == Layout::channels_last && k.mode == Mode::per_channel;
+      const std::int64_t first_row = positions ? shape.channels() : numel / shape.batch();
+      for (std::int64_t i = 0; i < first_row; ++i) v[static_cast<std::size_t>(i)] = 1000.0;
+      const std::vector<T> x = bnref::cast<T>(v);
+      const auto w = bnref::cast<P<T>>(bnref::normal(F, 62, 1.0, 0.5)), b = bnref::cast<P<T>>(bnref::normal(F, 63));
+      const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
+      bnref::Params p;
+      p.weight = bnref::widen(w);
+      p.bias = bnref::widen(b);
+      p.running_mean.assign(F, 0.5);
+      p.running_var.assign(F, 2.0);
+      bnref::ForwardSettings s;
+      s.mode = k.mode;
+      const auto ref = bnref::forward(shape, bnref::widen(x), p, s, {});
+      EXPECT_LE(bnref::max_rel_error(r.y, ref.y), forward_tolerance<T>());
+      const double n = r.statistics[0];
+      for (std::int64_t f = 0; f < F; ++f) {
+        const double sd = std::sqrt(ref.batch_var[f]);
+        EXPECT_NEAR(r.statistics[1 + f], ref.mean[f], 1e-13 * sd) << "feature " << f;
+        EXPECT_NEAR(r.statistics[1 + F + f] / n, ref.batch_var[f], 2e-13 * ref.batch_var[f]) << "feature " << f;
+      }
+    }
+  });
+}
+
 // The element-wise passes (normalize, input gradient) compute each value with one formula,
 // whichever loop runs it: NCHW planes (scalar loop, one feature's coefficients) and NHWC rows
 // (eight values at a time, per-lane coefficient arrays, a scalar tail) give the same bits for

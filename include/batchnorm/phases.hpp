@@ -122,8 +122,9 @@ struct ElementwiseConfig {
 };
 
 /**
- * @brief Phase 1: this shard's count and, per feature, mean and M2 (two passes in double over
- *        x − pivot, exact for a constant feature). An empty shard (N = 0) gives count 0.
+ * @brief Phase 1: this shard's count and, per feature, mean and M2 (in double, in chunks merged
+ *        by Chan's formula: each chunk's M2 keeps at least 47 bits, and a constant feature gives
+ *        M2 = 0 exactly). An empty shard (N = 0) gives count 0.
  * @param statistics output, shard_statistics_size(feature_count(shape, mode)) doubles
  * @throws batchnorm::invalid_argument for a bad argument, before anything is written
  * @note CPU: synchronous.
