@@ -4,9 +4,10 @@
 // layouts, relu / residual / dx / dresidual combinations, odd sizes, one sample, empty batches;
 // the same bits for 1, 2, 3 and 7 OpenMP threads, for every instruction set the loops are
 // compiled for, in place, and (element-wise passes) in either layout; constant features give
-// exactly the bias. The rows loops that tensors over 8 MiB take (streaming) run on the same
-// cases, forced. Every test runs for float and double and, when the CUDA toolkit's headers are
-// on the include path, for __half and __nv_bfloat16 (float parameters, the float route): this
+// exactly the bias. The rows loops that tensors over 8 MiB in rows of at most 512 values take
+// (streaming) run on the same cases, forced (wider rows keep the in-cache loops). Every test
+// runs for float and double and, when the CUDA toolkit's headers are on the include path, for
+// __half and __nv_bfloat16 (float parameters, the float route): this
 // is the one test file that checks every instruction-set version of every loop, so the other
 // numeric tests can compile the loops once (BATCHNORM_NO_DISPATCH, tests/CMakeLists.txt).
 #if __has_include(<cuda_fp16.h>) && __has_include(<cuda_bf16.h>)
@@ -66,6 +67,7 @@ std::vector<PathCase> path_cases() {
       {"planes, one sample", {1, 5, 13}, Layout::contiguous, Mode::per_channel},
       {"rows narrow (N, C)", {12007, 3}, Layout::contiguous, Mode::per_channel},
       {"rows (N, C), C = 50", {2501, 50}, Layout::contiguous, Mode::per_channel},
+      {"rows (N, C), C = 512: the widest streaming rows", {37, 512}, Layout::contiguous, Mode::per_channel},
       {"rows wide, column blocks", {67, 1100}, Layout::contiguous, Mode::per_channel},
       // features over threads too (for_each_feature: 2048 features and more), five tasks
       {"rows, 4099 features", {6, 4099}, Layout::contiguous, Mode::per_channel},

@@ -15,7 +15,8 @@
  *    sums), added pairwise in a fixed order at the end, so no add waits for the previous one;
  *  - the rows loops handle four rows at once (rows_at_once): a lane's center, coefficients and
  *    accumulators are loaded once per four rows, which is what bounded them on data in cache;
- *  - rows tensors larger than the caches (streaming_bytes) take loops that read a row at a time,
+ *  - rows tensors larger than the caches (streaming_bytes), in rows of up to 512 values
+ *    (streaming_max_lanes), take loops that read a row at a time,
  *    one sequential stream per buffer, written with GCC vectors of eight doubles (double8):
  *    four interleaved rows ran at 1.5–1.8× the time of a copy there;
  *  - fusion per NCHW channel while it is in L2: training forward (statistics, then normalize)
@@ -639,29 +640,35 @@ void for_lane_rows(std::int64_t rows, std::int64_t W, std::int64_t group, F&& f)
   if (rows % group != 0) f(grouped * group, rows % group, W);
 }
 
-/// Lanes of a streaming element-wise rows pass taken at once (see for_eight_lanes): their
-/// coefficient arrays (at most five of 512 doubles, 20 KiB) stay in L1 across rows.
-inline constexpr std::int64_t elementwise_block_lanes = 512;
-
 /// Rows passes over tensors of more than this many bytes of x (8 MiB) take the streaming loops
-/// (for_eight_lanes, and the one_row reductions): x then comes from memory rather than from the
-/// caches. Tests lower it to run those loops on small tensors. The element-wise streaming loops
-/// give the same bits as the in-cache ones; the streaming reductions sum in another order.
+/// (for_eight_lanes, and the one_row reductions) when their rows are at most streaming_max_lanes
+/// wide: x then comes from memory rather than from the caches. Tests lower it to run those loops
+/// on small tensors. The element-wise streaming loops give the same bits as the in-cache ones;
+/// the streaming reductions sum in another order.
 inline std::atomic<std::int64_t>& streaming_bytes() {
   static std::atomic<std::int64_t> bytes{std::int64_t{8} << 20};
   return bytes;
 }
 
-/// Whether a rows pass over @p numel values of T takes the streaming loops (streaming_bytes).
+/// The widest rows the streaming loops take: their coefficient arrays (at most five of 512
+/// doubles, 20 KiB) stay in L1 across rows. Wider rows stay on the four-row loops even from
+/// memory: the streaming loops took them in blocks of 512 lanes, jumping from row to row, at
+/// about twice the time (1 thread, caches evicted, AVX-512: (16384, 1024) inference 11.0 → 5.4
+/// ms, training forward 21.5 → 11.0; (1024, 8192) 5.3 → 2.4 and 8.8 → 5.5).
+inline constexpr std::int64_t streaming_max_lanes = 512;
+
+/// Whether a rows pass over @p numel values of T in rows of @p width values takes the streaming
+/// loops (streaming_bytes, streaming_max_lanes).
 template <class T>
-bool streams_from_memory(std::int64_t numel) {
-  return numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
+bool streams_from_memory(std::int64_t numel, std::int64_t width) {
+  return width <= streaming_max_lanes &&
+         numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
 }
 
 #if defined(BATCHNORM_CPU_EIGHT)
 /**
  * @brief The element-wise rows loop for tensors that stream from memory, eight lanes at a time,
- *        one row at a time: per block of elementwise_block_lanes lanes and row, lanes(j, k)
+ *        one row at a time (rows of at most streaming_max_lanes lanes): per row, lanes(j, k)
  *        loads the coefficients of lanes [j, j + 8) into a K and row(r, j, k) computes row r's
  *        eight values; tail(r, j) does the lanes after the last eight one at a time.
  *
@@ -675,17 +682,14 @@ bool streams_from_memory(std::int64_t numel) {
  */
 template <class K, class Lanes, class Row, class Tail>
 void for_eight_lanes(std::int64_t rows, std::int64_t width, Lanes&& lanes, Row&& row, Tail&& tail) {
-  for (std::int64_t j0 = 0; j0 < width; j0 += elementwise_block_lanes) {
-    const std::int64_t j1 = std::min(width, j0 + elementwise_block_lanes);
-    const std::int64_t eights_end = j0 + (j1 - j0) / 8 * 8;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t j = j0; j < eights_end; j += 8) {
-        K k;
-        lanes(j, k);
-        row(r, j, k);
-      }
-      for (std::int64_t j = eights_end; j < j1; ++j) tail(r, j);
+  const std::int64_t eights_end = width / 8 * 8;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t j = 0; j < eights_end; j += 8) {
+      K k;
+      lanes(j, k);
+      row(r, j, k);
     }
+    for (std::int64_t j = eights_end; j < width; ++j) tail(r, j);
   }
 }
 #endif
@@ -1149,7 +1153,7 @@ void shard_moments(const Shape& shape, Mode mode, const T* x, double* mean, doub
   const RowTiling t(g.rows, g.width);
   Welford<double>* partial = scratch<Welford<double>>(Scratch::partial, t.row_blocks * g.width);
   std::fill(partial, partial + t.row_blocks * g.width, Welford<double>{});
-  const bool streaming = streams_from_memory<T>(numel);
+  const bool streaming = streams_from_memory<T>(numel, g.width);
   parallel_for(t.row_blocks * t.column_blocks, numel, [&](std::int64_t i) {
     const std::int64_t rb = i / t.column_blocks, cb = i % t.column_blocks;
     const std::int64_t r0 = rb * t.rows_per_block, r1 = std::min(g.rows, r0 + t.rows_per_block);
@@ -1241,7 +1245,7 @@ void normalize_elements(const Shape& shape, Mode mode, const T* x, const T* resi
   }
   const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
   const std::int64_t pieces = (g.rows + piece - 1) / piece;
-  const bool streaming = streams_from_memory<T>(numel);
+  const bool streaming = streams_from_memory<T>(numel, g.width);
   with_flag(residual != nullptr, [&](auto res) {
     with_flag(relu_on, [&](auto rl) {
       parallel_for(pieces, numel, [&](std::int64_t p) {
@@ -1323,7 +1327,7 @@ void gradient_sums_elements(const Shape& shape, Mode mode, const T* x, const T* 
     }
     const RowTiling t(g.rows, g.width);
     const std::int64_t W = g.width;
-    const bool streaming = streams_from_memory<T>(numel);
+    const bool streaming = streams_from_memory<T>(numel, g.width);
     double* center = scratch<double>(Scratch::lanes, W);
     for (std::int64_t j = 0; j < W; ++j) center[j] = mean[g.feature_at(j)];
     BackwardSums<double>* partial = scratch<BackwardSums<double>>(Scratch::partial, t.row_blocks * W);
@@ -1640,7 +1644,7 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
     }
     const std::int64_t piece = std::max(t.group, rows_per_piece(W) / t.group * t.group);
     const std::int64_t pieces = (g.rows + piece - 1) / piece;
-    const bool streaming = streams_from_memory<T>(numel);
+    const bool streaming = streams_from_memory<T>(numel, g.width);
     parallel_for(pieces, numel, [&](std::int64_t p) {
       const std::int64_t r0 = p * piece, r1 = std::min(g.rows, r0 + piece);
       for_lane_rows(r1 - r0, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t width) {
