@@ -144,6 +144,18 @@ Outputs<T> run_all(const Shape& shape, Mode mode, const std::vector<T>& x, const
   return r;
 }
 
+/// The reference's parameters for a run_all call: its weight and bias, widened, and the running
+/// statistics run_all starts from (0.5, 2).
+template <class E>
+bnref::Params reference_params(const std::vector<E>& w, const std::vector<E>& b) {
+  bnref::Params p;
+  p.weight = bnref::widen(w);
+  p.bias = bnref::widen(b);
+  p.running_mean.assign(w.size(), 0.5);
+  p.running_var.assign(w.size(), 2.0);
+  return p;
+}
+
 /// The normalization coefficients of one shard (per channel, no affine): phases::local_statistics
 /// of x, then merge_statistics of that shard alone.
 template <class T>
@@ -267,11 +279,7 @@ TYPED_TEST(CpuPaths, MatchTheReference) {
         SCOPED_TRACE(std::string(k.path) + (relu ? " relu" : "") + (residual ? " residual" : ""));
         const Outputs<T> r = run_all(shape, k.mode, x, z, dy, w, b, relu, residual, true, combo != 3);
 
-        bnref::Params p;
-        p.weight = bnref::widen(w);
-        p.bias = bnref::widen(b);
-        p.running_mean.assign(F, 0.5);
-        p.running_var.assign(F, 2.0);
+        bnref::Params p = reference_params(w, b);
         bnref::ForwardSettings s;
         s.mode = k.mode;
         s.relu = relu;
@@ -474,11 +482,7 @@ TYPED_TEST(CpuPaths, OutlyingFirstRowKeepsTheRowsVarianceExact) {
       const std::vector<T> x = bnref::cast<T>(v);
       const auto w = bnref::cast<P<T>>(bnref::normal(F, 62, 1.0, 0.5)), b = bnref::cast<P<T>>(bnref::normal(F, 63));
       const Outputs<T> r = run_all(shape, k.mode, x, x, x, w, b, false, false, false, false);
-      bnref::Params p;
-      p.weight = bnref::widen(w);
-      p.bias = bnref::widen(b);
-      p.running_mean.assign(F, 0.5);
-      p.running_var.assign(F, 2.0);
+      bnref::Params p = reference_params(w, b);
       bnref::ForwardSettings s;
       s.mode = k.mode;
       const auto ref = bnref::forward(shape, bnref::widen(x), p, s, {});

@@ -26,7 +26,8 @@ double value_or(const span<E>& s, std::int64_t i, double fallback) {
  * @brief Whether a training step folds its statistics into the running statistics: they are
  *        given (@p tracked), and with @p skip_nonfinite every feature's statistics, finalized
  *        from @p welford(f) and rounded to @p P as they would be stored, are finite (all
- *        features are updated or none); a skipped update increments *@p skipped (saturating). Forward and phases::merge_statistics share it.
+ *        features are updated or none); a skipped update increments *@p skipped (saturating).
+ *        Forward and phases::merge_statistics share it.
  *        The check runs only where it decides something: finalize's divisions are most of a
  *        feature's cost.
  */

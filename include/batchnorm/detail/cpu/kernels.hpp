@@ -694,37 +694,11 @@ void for_eight_lanes(std::int64_t rows, std::int64_t width, Lanes&& lanes, Row&&
 }
 #endif
 
-/// acc[j] += Σ_r (x[r][j] − center[j]) (or its square), four rows at once: the two passes of a
-/// rows statistics chunk in L2 (row_block_moments, when its single pass cancels).
-template <bool Square, class T>
-void add_row_deviations(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
-                        const double* __restrict center, double* __restrict acc) {
-  using conv = convert<T>;
-  auto term = [](double v, double c) {
-    const double d = v - c;
-    if constexpr (Square) return d * d;
-    else return d;
-  };
-  std::int64_t r = 0;
-  for (; r + rows_at_once <= rows; r += rows_at_once) {
-    const T* __restrict x0 = x + r * stride;
-    const T* __restrict x1 = x0 + stride;
-    const T* __restrict x2 = x1 + stride;
-    const T* __restrict x3 = x2 + stride;
-    for (std::int64_t j = 0; j < width; ++j) {
-      const double c = center[j];
-      acc[j] += (term(conv::to_double(x0[j]), c) + term(conv::to_double(x1[j]), c)) +
-                (term(conv::to_double(x2[j]), c) + term(conv::to_double(x3[j]), c));
-    }
-  }
-  for (; r < rows; ++r)
-    for (std::int64_t j = 0; j < width; ++j) acc[j] += term(conv::to_double(x[r * stride + j]), center[j]);
-}
-
 /// sum[j] += Σ_r (x[r][j] − center[j]) and square_sum[j] += Σ_r (x[r][j] − center[j])², both in
-/// one read (row_block_moments' single pass). @p one_row: a row at a time, eight lanes at a time
-/// (tensors that stream from memory: one sequential stream instead of four interleaved);
-/// otherwise four rows at once. The two sum in different orders.
+/// one read (row_block_moments: its single pass, and its two passes where that cancels).
+/// @p one_row: a row at a time, eight lanes at a time (tensors that stream from memory: one
+/// sequential stream instead of four interleaved); otherwise four rows at once. The two sum in
+/// different orders.
 template <class T>
 void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
                   const double* __restrict center, double* __restrict sum, double* __restrict square_sum,
@@ -1020,51 +994,46 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
   alignas(64) double center[max_block_width];  // group·width <= max(2·min_lanes, max_block_width)
   alignas(64) double acc[max_block_width];
   const std::int64_t chunk_rows = std::max<std::int64_t>(t.group, row_chunk_elements / width);
-  auto pass = [&](std::int64_t a, std::int64_t b, auto square) {
-    constexpr bool Square = decltype(square)::value;
-    std::fill(acc, acc + L, 0.0);
-    if (t.group > 1)  // width == W: the rows are contiguous
-      for_lane_rows(b - a, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
-        add_row_deviations<Square>(x + (a + first) * W, count, lanes, lanes, center, acc);
-      });
-    else
-      add_row_deviations<Square>(x + a * W + c0, b - a, width, W, center, acc);
-  };
   // The block's running (mean, M2) per position, merged chunk by chunk; every position has the
   // same count, so the merge runs without count branches over all positions (vectorized).
   alignas(64) double run_mean[max_block_width];
   alignas(64) double run_m2[max_block_width];
   alignas(64) double square_sum[max_block_width];
   std::int64_t run_count = 0;
-  auto sum_groups = [&](double* lanes) {
+  // Σd into acc and Σd² into square_sum over rows [a, b), each summed over the lane groups.
+  auto sums = [&](std::int64_t a, std::int64_t b, bool one_row) {
+    std::fill(acc, acc + L, 0.0);
+    std::fill(square_sum, square_sum + L, 0.0);
+    if (t.group > 1)  // width == W: the rows are contiguous
+      for_lane_rows(b - a, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
+        add_row_sums(x + (a + first) * W, count, lanes, lanes, center, acc, square_sum, one_row);
+      });
+    else
+      add_row_sums(x + a * W + c0, b - a, width, W, center, acc, square_sum, one_row);
     for (std::int64_t j = 0; j < width; ++j) {
-      double s = lanes[j];
-      for (std::int64_t k = 1; k < t.group; ++k) s += lanes[k * width + j];
-      lanes[j] = s;
+      double s = acc[j], q = square_sum[j];
+      for (std::int64_t k = 1; k < t.group; ++k) {
+        s += acc[k * width + j];
+        q += square_sum[k * width + j];
+      }
+      acc[j] = s;
+      square_sum[j] = q;
     }
   };
-  auto replicate_center = [&] {
+  auto set_center = [&](auto&& value) {
+    for (std::int64_t j = 0; j < width; ++j) center[j] = value(j);
     for (std::int64_t j = width; j < L; ++j) center[j] = center[j % width];
   };
   for (std::int64_t a = r0; a < r1; a += chunk_rows) {
     const std::int64_t b = std::min(r1, a + chunk_rows);
     const double m = static_cast<double>(b - a);
+    auto first_row = [&](std::int64_t j) { return finite_or_zero(conv::to_double(x[a * W + c0 + j])); };
     // One read: Σd and Σd² about a center (the block's running mean, or the chunk's first row),
     // M2 = Σd² − (Σd)²/m. The subtraction loses log2(Σd² / M2) bits; while that is at most
     // single_pass_loss (the center within ~8 standard deviations of the mean) M2 keeps 47 bits.
-    for (std::int64_t j = 0; j < width; ++j)
-      center[j] = finite_or_zero(run_count == 0 ? conv::to_double(x[a * W + c0 + j]) : run_mean[j]);
-    replicate_center();
-    std::fill(acc, acc + L, 0.0);
-    std::fill(square_sum, square_sum + L, 0.0);
-    if (t.group > 1)
-      for_lane_rows(b - a, W, t.group, [&](std::int64_t first, std::int64_t count, std::int64_t lanes) {
-        add_row_sums(x + (a + first) * W, count, lanes, lanes, center, acc, square_sum, streaming);
-      });
-    else
-      add_row_sums(x + a * W + c0, b - a, width, W, center, acc, square_sum, streaming);
-    sum_groups(acc);
-    sum_groups(square_sum);
+    if (run_count == 0) set_center(first_row);
+    else set_center([&](std::int64_t j) { return finite_or_zero(run_mean[j]); });
+    sums(a, b, streaming);
     bool exact = true;
     for (std::int64_t j = 0; j < width; ++j) {
       const double m2 = square_sum[j] - acc[j] * (acc[j] / m);
@@ -1077,15 +1046,13 @@ void row_block_moments(const Geometry& g, const RowTiling& t, const T* x, std::i
         center[j] = center[j] + s / m;
       }
     } else {
-      // Cancellation (or a non-finite value): the two-pass formula, from L2.
-      for (std::int64_t j = 0; j < width; ++j) center[j] = finite_or_zero(conv::to_double(x[a * W + c0 + j]));
-      replicate_center();
-      pass(a, b, std::false_type{});
-      sum_groups(acc);
-      for (std::int64_t j = 0; j < width; ++j) center[j] = center[j] + acc[j] / m;
-      replicate_center();
-      pass(a, b, std::true_type{});
-      sum_groups(acc);
+      // Cancellation (or a non-finite value): two passes from L2, the mean about the chunk's
+      // first row, then M2 (Σd² of the second pass) about that mean.
+      set_center(first_row);
+      sums(a, b, false);
+      set_center([&](std::int64_t j) { return center[j] + acc[j] / m; });
+      sums(a, b, false);
+      std::copy(square_sum, square_sum + width, acc);
     }
     if (run_count == 0) {
       std::copy(center, center + width, run_mean);
