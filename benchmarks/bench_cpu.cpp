@@ -485,6 +485,7 @@ void register_all() {
       {"nchw", {{8, 64, 112, 112}}},          {"nchw", {{8, 256, 56, 56}}}, {"nchw", {{8, 1024, 14, 14}}},
       {"nchw", {{8, 2048, 7, 7}}},            {"nchw", {{8, 4, 224, 224}}}, {"nc", {{125000, 50}}},
       {"nc", {{3136, 256}}},                  {"nc", {{128, 8192}}},        {"nhwc", {{8, 256, 56, 56}, true}},
+      {"nc", {{16384, 1024}}},  // beyond issue 9's table: wide rows from memory (64 MiB)
       {"nchw", {{8, 256, 56, 56}, false, Storage::bf16}},
       {"nchw", {{8, 256, 56, 56}, false, Storage::fp16}},  // peers in bfloat16 (peer_storage)
   };
