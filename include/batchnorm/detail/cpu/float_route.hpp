@@ -375,6 +375,56 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
                         _mm512_maskz_cvtps_ph(all_16_lanes, _mm512_loadu_ps(in + j),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+/**
+ * @brief One float_route_block of bfloat16 values through the float route with one feature's
+ *        coefficients @p k (planes), AVX-512: out[j] = act(round(y_f)) for j < 64, as
+ *        float_route_value computes them (the same operations in the same order, so the same
+ *        floats and bits).
+ * @return true when every value is clear (out holds the double formula's bits); false when
+ *         some value missed (out is then to be discarded).
+ *
+ * Why by hand: GCC vectorizes float_route_blocks with each lane's miss as a 32-bit mask and ends
+ * every block with a chain of shuffles and ors to reduce them to one integer; the check and that
+ * reduction were about 60 % of bfloat16 inference on (8, 256, 56, 56) (1.06 ms against 0.40 ms
+ * without the check: harness, 1 thread, in cache). Here both comparisons and the block's result
+ * stay in mask registers: inference 1.00–1.17 → 0.85–0.90 ms, training forward 3.13 → 2.39 ms
+ * (the same harness, the same outputs). Rows (per-lane coefficients) keep the generic loop.
+ */
+template <bool Relu>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline bool bfloat16_block_avx512(
+    const void* in, void* out, const FloatRoute& k) {
+  static_assert(bits::bfloat16_format::dropped_bits == 16, "the constants below");
+  // intrinsics with an all-ones zeroing mask where GCC 12's unmasked ones warn (all_16_lanes)
+  const auto* x = static_cast<const std::uint16_t*>(in);
+  auto* o = static_cast<std::uint16_t*>(out);
+  const __m512 mean = _mm512_set1_ps(k.mean), scale = _mm512_set1_ps(k.scale), bias = _mm512_set1_ps(k.bias);
+  const __m512 slack = _mm512_set1_ps(k.slack);
+  const __m512 bound_per_scaled = _mm512_set1_ps(0x1.4p-22f);  // route_value's
+  const __m512 quarter_interval = _mm512_set1_ps(0x1p-10f);    // boundary_miss's, 2^(16 − 26)
+  const __m512i kept = _mm512_set1_epi32(static_cast<int>(0xffff0000u)), half_interval = _mm512_set1_epi32(0x8000);
+  __mmask16 clear = 0xffff;
+  for (int q = 0; q < float_route_block; q += 16) {
+    // widen: the bits in the upper half of a float (bfloat16_to_float)
+    const __m512i wide = _mm512_maskz_slli_epi32(
+        all_16_lanes, _mm512_maskz_cvtepu16_epi32(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q))),
+        16);
+    // route_value
+    const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(wide), mean), scale);
+    const __m512 bound = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), bound_per_scaled), slack);
+    const __m512 y = _mm512_add_ps(scaled, bias);
+    // boundary_miss: min(to_mid, to_lower) > bound as two comparisons (NaN fails both)
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512 midpoint = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(u, kept, half_interval, 0xea));  // (u & kept) | half
+    const __m512 to_mid = _mm512_abs_ps(_mm512_sub_ps(y, midpoint));
+    const __m512 to_lower = _mm512_mul_ps(_mm512_abs_ps(y), quarter_interval);
+    clear &= _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(to_mid, bound, _CMP_GT_OQ), to_lower, bound, _CMP_GT_OQ);
+    // bfloat16_format::round_off_midpoint, then relu as round_when_clear (a set sign bit → +0)
+    __m512i r = _mm512_maskz_srli_epi32(all_16_lanes, _mm512_add_epi32(u, half_interval), 16);
+    if constexpr (Relu) r = _mm512_maskz_mov_epi32(_mm512_testn_epi32_mask(r, half_interval), r);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q), _mm512_maskz_cvtepi32_epi16(all_16_lanes, r));
+  }
+  return clear == 0xffff;
+}
 BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /**
@@ -457,6 +507,20 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
           // would round to 0 misses)
           [](float v) { return Relu ? (v > 0.0f ? v : 0.0f) : v; }, exact, narrow);
     });
+  }
+  if constexpr (std::is_same_v<Format, bits::bfloat16_format> && std::is_same_v<Route, SameFloatRoute>) {
+    // AVX-512 in use (its half conversion is chosen with it): a feature's planes by hand
+    if (conversion == HalfConversion::avx512) {
+      std::int64_t i = 0;
+      for (; i + float_route_block <= length; i += float_route_block) {
+        std::uint16_t block[float_route_block];
+        if (bfloat16_block_avx512<Relu>(x + i, block, route.k))
+          std::memcpy(static_cast<void*>(y + i), block, sizeof block);
+        else
+          exact(i, i + float_route_block);  // as float_route_blocks does for bfloat16
+      }
+      return i;
+    }
   }
 #endif
   (void)conversion;
