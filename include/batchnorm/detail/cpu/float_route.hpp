@@ -387,8 +387,10 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
  * every block with a chain of shuffles and ors to reduce them to one integer; the check and that
  * reduction were about 60 % of bfloat16 inference on (8, 256, 56, 56) (1.06 ms against 0.40 ms
  * without the check: harness, 1 thread, in cache). Here both comparisons and the block's result
- * stay in mask registers: inference 1.00–1.17 → 0.85–0.90 ms, training forward 3.13 → 2.39 ms
- * (the same harness, the same outputs). Rows (per-lane coefficients) keep the generic loop.
+ * stay in mask registers: inference 1.00–1.17 → 0.85–0.90 ms (the same harness, the same
+ * outputs; bench_cpu, 1 thread: 0.81–0.82 → 0.93–0.96 of PyTorch's time). Training forward, whose
+ * time is mostly the statistics in double, moved within the noise. Rows (per-lane coefficients)
+ * keep the generic loop.
  */
 template <bool Relu>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline bool bfloat16_block_avx512(
