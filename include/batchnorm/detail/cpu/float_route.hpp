@@ -378,10 +378,15 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
 /**
  * @brief One float_route_block of bfloat16 values through the float route with one feature's
  *        coefficients @p k (planes), AVX-512: out[j] = act(round(y_f)) for j < 64, as
- *        float_route_value computes them (the same operations in the same order, so the same
- *        floats and bits).
+ *        float_route_value computes them (its operations in its order).
  * @return true when every value is clear (out holds the double formula's bits); false when
  *         some value missed (out is then to be discarded).
+ *
+ * A separate function (its target attribute), so a consumer's FMA contraction (GCC's default in
+ * its GNU modes, which CMake's C++17 selects) may fuse a product and a sum in it, which the
+ * dispatched loops never do. The outputs stay the double formula's bits: one rounding fewer only
+ * shrinks the error that the bound covers; which values miss may change. (float_route_test runs
+ * in such a build.)
  *
  * Why by hand: GCC vectorizes float_route_blocks with each lane's miss as a 32-bit mask and ends
  * every block with a chain of shuffles and ors to reduce them to one integer; the check and that
@@ -430,8 +435,8 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline bool bfloat
 /**
  * @brief One float_route_block of half values through the float route with one feature's
  *        coefficients @p k (planes), AVX-512, as half_route_blocks computes them with the AVX-512
- *        conversions (the same operations in the same order, so the same floats and bits): out[j]
- *        = round(act(y_f)) for j < 64.
+ *        conversions (its operations in its order; FMA contraction as for
+ *        bfloat16_block_avx512): out[j] = round(act(y_f)) for j < 64.
  * @return bit j set where value j missed (out[j] is then to be replaced by the double formula's).
  *
  * By hand for the reason of bfloat16_block_avx512; the misses come back as one 64-bit mask
