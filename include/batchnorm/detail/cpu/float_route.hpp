@@ -375,6 +375,38 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
                         _mm512_maskz_cvtps_ph(all_16_lanes, _mm512_loadu_ps(in + j),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+/**
+ * @brief route_value and boundary_miss<Format> on 16 values at once (AVX-512): @p y = y_f for
+ *        the floats @p v, and the lanes where no rounding boundary of Format lies within the
+ *        error bound (and, for half, y_f is in its range), computed as those two functions do,
+ *        in their order, with min(to_mid, to_lower) > bound as two comparisons (NaN fails both).
+ */
+template <class Format>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 route_clear_avx512(
+    const __m512& v, const FloatRoute& k, __m512& y) {
+  constexpr std::uint32_t dropped = (1u << Format::dropped_bits) - 1;
+  // route_value
+  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
+  const __m512 bound =
+      _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
+  y = _mm512_add_ps(scaled, _mm512_set1_ps(k.bias));
+  // boundary_miss: the midpoint (u & ~dropped) | half an interval, and a quarter interval below
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512 midpoint = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+      u, _mm512_set1_epi32(static_cast<int>(~dropped)), _mm512_set1_epi32(1 << (Format::dropped_bits - 1)), 0xea));
+  const __m512 to_mid = _mm512_abs_ps(_mm512_sub_ps(y, midpoint));
+  const __m512 to_lower =
+      _mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(1.0f / static_cast<float>(1u << (26 - Format::dropped_bits))));
+  __mmask16 clear = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(to_mid, bound, _CMP_GT_OQ), to_lower, bound, _CMP_GT_OQ);
+  if constexpr (Format::checks_range)  // bits::in_range
+    clear = _mm512_mask_cmplt_epu32_mask(clear,
+                                         _mm512_sub_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                          _mm512_set1_epi32(static_cast<int>(Format::min_bits))),
+                                         _mm512_set1_epi32(static_cast<int>(Format::end_bits - Format::min_bits)));
+  return clear;
+}
+
 /**
  * @brief One float_route_block of bfloat16 values through the float route with one feature's
  *        coefficients @p k (planes), AVX-512: out[j] = act(round(y_f)) for j < 64, as
@@ -400,38 +432,25 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
 template <bool Relu>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline bool bfloat16_block_avx512(
     const void* in, void* out, const FloatRoute& k) {
-  static_assert(bits::bfloat16_format::dropped_bits == 16, "the constants below");
-  // intrinsics with an all-ones zeroing mask where GCC 12's unmasked ones warn (all_16_lanes)
   const auto* x = static_cast<const std::uint16_t*>(in);
   auto* o = static_cast<std::uint16_t*>(out);
-  const __m512 mean = _mm512_set1_ps(k.mean), scale = _mm512_set1_ps(k.scale), bias = _mm512_set1_ps(k.bias);
-  const __m512 slack = _mm512_set1_ps(k.slack);
-  const __m512 bound_per_scaled = _mm512_set1_ps(0x1.4p-22f);  // route_value's
-  const __m512 quarter_interval = _mm512_set1_ps(0x1p-10f);    // boundary_miss's, 2^(16 − 26)
-  const __m512i kept = _mm512_set1_epi32(static_cast<int>(0xffff0000u)), half_interval = _mm512_set1_epi32(0x8000);
+  const __m512i half_interval = _mm512_set1_epi32(0x8000);  // of the 16 dropped bits
   __mmask16 clear = 0xffff;
   for (int q = 0; q < float_route_block; q += 16) {
     // widen: the bits in the upper half of a float (bfloat16_to_float)
-    const __m512i wide = _mm512_maskz_slli_epi32(
+    const __m512 v = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
         all_16_lanes, _mm512_maskz_cvtepu16_epi32(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q))),
-        16);
-    // route_value
-    const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(wide), mean), scale);
-    const __m512 bound = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), bound_per_scaled), slack);
-    const __m512 y = _mm512_add_ps(scaled, bias);
-    // boundary_miss: min(to_mid, to_lower) > bound as two comparisons (NaN fails both)
-    const __m512i u = _mm512_castps_si512(y);
-    const __m512 midpoint = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(u, kept, half_interval, 0xea));  // (u & kept) | half
-    const __m512 to_mid = _mm512_abs_ps(_mm512_sub_ps(y, midpoint));
-    const __m512 to_lower = _mm512_mul_ps(_mm512_abs_ps(y), quarter_interval);
-    clear &= _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(to_mid, bound, _CMP_GT_OQ), to_lower, bound, _CMP_GT_OQ);
+        16));
+    __m512 y;
+    clear &= route_clear_avx512<bits::bfloat16_format>(v, k, y);
     // bfloat16_format::round_off_midpoint, then relu as round_when_clear (a set sign bit → +0)
-    __m512i r = _mm512_maskz_srli_epi32(all_16_lanes, _mm512_add_epi32(u, half_interval), 16);
+    __m512i r = _mm512_maskz_srli_epi32(all_16_lanes, _mm512_add_epi32(_mm512_castps_si512(y), half_interval), 16);
     if constexpr (Relu) r = _mm512_maskz_mov_epi32(_mm512_testn_epi32_mask(r, half_interval), r);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q), _mm512_maskz_cvtepi32_epi16(all_16_lanes, r));
   }
   return clear == 0xffff;
 }
+
 /**
  * @brief One float_route_block of half values through the float route with one feature's
  *        coefficients @p k (planes), AVX-512, as half_route_blocks computes them with the AVX-512
@@ -448,35 +467,16 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline bool bfloat
 template <bool Relu>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64_t half_block_avx512(
     const void* in, void* out, const FloatRoute& k) {
-  using Format = bits::half_format;
-  static_assert(Format::dropped_bits == 13, "the constants below");
   const auto* x = static_cast<const std::uint16_t*>(in);
   auto* o = static_cast<std::uint16_t*>(out);
-  const __m512 mean = _mm512_set1_ps(k.mean), scale = _mm512_set1_ps(k.scale), bias = _mm512_set1_ps(k.bias);
-  const __m512 slack = _mm512_set1_ps(k.slack), zero = _mm512_setzero_ps();
-  const __m512 bound_per_scaled = _mm512_set1_ps(0x1.4p-22f);  // route_value's
-  const __m512 quarter_interval = _mm512_set1_ps(0x1p-13f);    // boundary_miss's, 2^(13 − 26)
-  const __m512i kept = _mm512_set1_epi32(static_cast<int>(~0x1fffu)), half_interval = _mm512_set1_epi32(0x1000);
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), range_min = _mm512_set1_epi32(static_cast<int>(Format::min_bits));
-  const __m512i range_span = _mm512_set1_epi32(static_cast<int>(Format::end_bits - Format::min_bits));
   std::uint64_t missed = 0;
   for (int q = 0; q < float_route_block; q += 16) {
     const __m512 v = _mm512_maskz_cvtph_ps(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q)));
-    // route_value
-    const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, mean), scale);
-    const __m512 bound = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), bound_per_scaled), slack);
-    const __m512 y = _mm512_add_ps(scaled, bias);
-    // boundary_miss: min(to_mid, to_lower) > bound as two comparisons (NaN fails both), and the
-    // range where half is a truncated float (bits::in_range)
-    const __m512i u = _mm512_castps_si512(y);
-    const __m512 midpoint = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(u, kept, half_interval, 0xea));  // (u & kept) | half
-    const __m512 to_mid = _mm512_abs_ps(_mm512_sub_ps(y, midpoint));
-    const __m512 to_lower = _mm512_mul_ps(_mm512_abs_ps(y), quarter_interval);
-    __mmask16 clear = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(to_mid, bound, _CMP_GT_OQ), to_lower, bound, _CMP_GT_OQ);
-    clear = _mm512_mask_cmplt_epu32_mask(clear, _mm512_sub_epi32(_mm512_and_si512(u, magnitude), range_min), range_span);
+    __m512 y;
+    const __mmask16 clear = route_clear_avx512<bits::half_format>(v, k, y);
     missed |= static_cast<std::uint64_t>(static_cast<std::uint16_t>(~clear)) << q;
     // relu before rounding, as half_route_blocks' activate: max(y_f, +0) (both zeros give +0)
-    const __m512 activated = Relu ? _mm512_maskz_max_ps(all_16_lanes, y, zero) : y;
+    const __m512 activated = Relu ? _mm512_maskz_max_ps(all_16_lanes, y, _mm512_setzero_ps()) : y;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q),
                         _mm512_maskz_cvtps_ph(all_16_lanes, activated, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
