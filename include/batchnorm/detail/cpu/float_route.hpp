@@ -411,8 +411,8 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 r
  * @brief One float_route_block of bfloat16 values through the float route with one feature's
  *        coefficients @p k (planes), AVX-512: out[j] = act(round(y_f)) for j < 64, as
  *        float_route_value computes them (its operations in its order).
- * @return true when every value is clear (out holds the double formula's bits); false when
- *         some value missed (out is then to be discarded).
+ * @return bit j set where value j missed; the caller redoes the whole block when any did
+ *         (redoes_missed_values), so out is then to be discarded.
  *
  * A separate function (its target attribute), so a consumer's FMA contraction (GCC's default in
  * its GNU modes, which CMake's C++17 selects) may fuse a product and a sum in it, which the
@@ -430,25 +430,26 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 r
  * keep the generic loop.
  */
 template <bool Relu>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline bool bfloat16_block_avx512(
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64_t bfloat16_block_avx512(
     const void* in, void* out, const FloatRoute& k) {
   const auto* x = static_cast<const std::uint16_t*>(in);
   auto* o = static_cast<std::uint16_t*>(out);
   const __m512i half_interval = _mm512_set1_epi32(0x8000);  // of the 16 dropped bits
-  __mmask16 clear = 0xffff;
+  std::uint64_t missed = 0;
   for (int q = 0; q < float_route_block; q += 16) {
     // widen: the bits in the upper half of a float (bfloat16_to_float)
     const __m512 v = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
         all_16_lanes, _mm512_maskz_cvtepu16_epi32(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q))),
         16));
     __m512 y;
-    clear &= route_clear_avx512<bits::bfloat16_format>(v, k, y);
+    const __mmask16 clear = route_clear_avx512<bits::bfloat16_format>(v, k, y);
+    missed |= static_cast<std::uint64_t>(static_cast<std::uint16_t>(~clear)) << q;
     // bfloat16_format::round_off_midpoint, then relu as round_when_clear (a set sign bit → +0)
     __m512i r = _mm512_maskz_srli_epi32(all_16_lanes, _mm512_add_epi32(_mm512_castps_si512(y), half_interval), 16);
     if constexpr (Relu) r = _mm512_maskz_mov_epi32(_mm512_testn_epi32_mask(r, half_interval), r);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q), _mm512_maskz_cvtepi32_epi16(all_16_lanes, r));
   }
-  return clear == 0xffff;
+  return missed;
 }
 
 /**
@@ -483,6 +484,45 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64
   return missed;
 }
 BATCHNORM_CPU_INLINE_ALL_BEGIN
+
+/**
+ * @brief A feature's planes through the float route with the hand-written AVX-512 blocks
+ *        (bfloat16_block_avx512, half_block_avx512), whole blocks of [0, length): y[i] =
+ *        act((x[i] − mean)·scale + bias), the missed values by @p exact as float_route_blocks
+ *        does for Format (redoes_missed_values: each missed value, or a block with a miss whole).
+ *        x may be y.
+ * @return the number of values done, a multiple of float_route_block.
+ */
+template <bool Relu, class T, class Exact>
+std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, const FloatRoute& k, Exact&& exact) {
+  using Format = typename convert<T>::format;
+  constexpr std::int64_t B = float_route_block;
+  // A block is written straight to y, or, in place, through a buffer: its missed values need
+  // their inputs.
+  const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(y);
+  std::int64_t i = 0;
+  for (; i + B <= length; i += B) {
+    std::uint16_t block[B];
+    void* to = in_place ? static_cast<void*>(block) : static_cast<void*>(y + i);
+    std::uint64_t missed;
+    if constexpr (std::is_same_v<Format, bits::half_format>)
+      missed = half_block_avx512<Relu>(x + i, to, k);
+    else
+      missed = bfloat16_block_avx512<Relu>(x + i, to, k);
+    if constexpr (redoes_missed_values<Format>) {
+      for (; missed != 0; missed &= missed - 1) {  // the set bits alone, as redo_missed
+        const std::int64_t j = __builtin_ctzll(missed);
+        exact(i + j, i + j + 1);
+        if (in_place) block[j] = bits_of(y + i + j);
+      }
+    } else if (missed != 0) {
+      exact(i, i + B);  // x intact: the block went to the buffer if in place
+      continue;
+    }
+    if (in_place) std::memcpy(static_cast<void*>(y + i), block, sizeof block);
+  }
+  return i;
+}
 
 /**
  * @brief The float route for half values with the conversion instructions, whole blocks of
@@ -554,24 +594,10 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
                                    HalfConversion conversion) {
   using Format = typename convert<T>::format;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
-  if constexpr (std::is_same_v<Format, bits::half_format> && std::is_same_v<Route, SameFloatRoute>) {
-    if (conversion == HalfConversion::avx512) {  // a feature's planes by hand
-      // In place, a block goes through a buffer: its missed values need their inputs.
-      const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(y);
-      std::int64_t i = 0;
-      for (; i + float_route_block <= length; i += float_route_block) {
-        std::uint16_t block[float_route_block];
-        void* to = in_place ? static_cast<void*>(block) : static_cast<void*>(y + i);
-        for (std::uint64_t missed = half_block_avx512<Relu>(x + i, to, route.k); missed != 0; missed &= missed - 1) {
-          const std::int64_t j = __builtin_ctzll(missed);  // the missed values, as redo_missed
-          exact(i + j, i + j + 1);
-          if (in_place) block[j] = bits_of(y + i + j);
-        }
-        if (in_place) std::memcpy(static_cast<void*>(y + i), block, sizeof block);
-      }
-      return i;
-    }
-  }
+  // A feature's planes by hand under AVX-512 (whose half conversion is chosen with it; bfloat16's
+  // conversions are shifts, so the same choice stands for AVX-512 in use)
+  if constexpr (std::is_same_v<Route, SameFloatRoute>)
+    if (conversion == HalfConversion::avx512) return normalize_planes_avx512<Relu>(x, y, length, route.k, exact);
   if (takes_half_instructions<T>(conversion)) {
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block];
@@ -582,22 +608,6 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
           // would round to 0 misses)
           [](float v) { return Relu ? (v > 0.0f ? v : 0.0f) : v; }, exact, narrow);
     });
-  }
-  if constexpr (std::is_same_v<Format, bits::bfloat16_format> && std::is_same_v<Route, SameFloatRoute>) {
-    // AVX-512 in use (its half conversion is chosen with it): a feature's planes by hand
-    if (conversion == HalfConversion::avx512) {
-      const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(y);  // as for half
-      std::int64_t i = 0;
-      for (; i + float_route_block <= length; i += float_route_block) {
-        std::uint16_t block[float_route_block];
-        void* to = in_place ? static_cast<void*>(block) : static_cast<void*>(y + i);
-        if (!bfloat16_block_avx512<Relu>(x + i, to, route.k))
-          exact(i, i + float_route_block);  // as float_route_blocks does for bfloat16
-        else if (in_place)
-          std::memcpy(static_cast<void*>(y + i), block, sizeof block);
-      }
-      return i;
-    }
   }
 #endif
   (void)conversion;
