@@ -91,8 +91,9 @@ inline constexpr std::int64_t plane_gradient_lanes = 16;
 /// accumulators are loaded once for this many rows (those loops are bound by loads, not by
 /// arithmetic; a lane's terms of these rows are added pairwise, then to the lane).
 inline constexpr std::int64_t rows_at_once = 4;
-/// A statistics chunk read once (rows; planes of half types) keeps its single-pass M2 = Σd² − (Σd)²/m when Σd² ≤ this × M2 (the
-/// subtraction then loses at most 6 bits of 53); otherwise it takes two passes.
+/// A statistics chunk read once (rows; planes of half types) keeps its single-pass
+/// M2 = Σd² − (Σd)²/m when Σd² ≤ this × M2 (the subtraction then loses at most 6 bits of 53);
+/// otherwise it takes two passes.
 inline constexpr double single_pass_loss = 64.0;
 /// Below this many values a call stays on the calling thread (starting threads costs more).
 inline constexpr std::int64_t parallel_threshold = 32768;
