@@ -271,24 +271,43 @@ inline constexpr std::int64_t float_route_block = 64;
 /// its constants for this many blocks.
 inline constexpr std::int64_t blocks_per_call = 16;
 
-/**
- * @brief The values of a block that the float route missed (misses[j] != 0), each by
- *        @p exact(begin + j, begin + j + 1), the double formula, which writes out[begin + j];
- *        that result then replaces block[j]. Only those values: redoing each block with a miss
- *        whole in double made half's normalization 1.4× slower (0.037 vs 0.026 ms in cache,
- *        with the conversion instructions, harness).
- */
-template <class T, class Exact>
-void redo_missed(const std::uint8_t* misses, std::int64_t begin, T* out, std::uint16_t* block, Exact& exact) {
+/// The index of the lowest set bit of @p mask, which is not 0.
+BN_CONVERT_INLINE int lowest_set_bit(std::uint64_t mask) {
+#if defined(__GNUC__)
+  return __builtin_ctzll(mask);
+#else
+  int j = 0;
+  for (; (mask & 1u) == 0; mask >>= 1) ++j;
+  return j;
+#endif
+}
+
+/// The misses of a float_route_block values as a mask (bit j set where misses[j] != 0).
+inline std::uint64_t miss_mask(const std::uint8_t* misses) {
+  std::uint64_t mask = 0;
   for (std::int64_t w = 0; w < float_route_block; w += 8) {
     std::uint64_t word;  // eight misses at once: a block has one or two
     std::memcpy(&word, misses + w, sizeof word);
     if (word == 0) continue;
-    for (std::int64_t j = w; j < w + 8; ++j) {
-      if (misses[j] == 0) continue;
-      exact(begin + j, begin + j + 1);
-      block[j] = bits_of(out + begin + j);
-    }
+    for (std::int64_t j = w; j < w + 8; ++j) mask |= static_cast<std::uint64_t>(misses[j] != 0) << j;
+  }
+  return mask;
+}
+
+/**
+ * @brief The values of a block that the float route missed (the set bits j of @p missed), each by
+ *        @p exact(begin + j, begin + j + 1), the double formula, which writes out[begin + j];
+ *        that result then replaces block[j] where the block is buffered (@p block not null).
+ *        Only those values: redoing each block with a miss whole in double made half's
+ *        normalization 1.4× slower (0.037 vs 0.026 ms in cache, with the conversion
+ *        instructions, harness).
+ */
+template <class T, class Exact>
+void redo_missed(std::uint64_t missed, std::int64_t begin, T* out, std::uint16_t* block, Exact& exact) {
+  for (; missed != 0; missed &= missed - 1) {  // the set bits alone
+    const int j = lowest_set_bit(missed);
+    exact(begin + j, begin + j + 1);
+    if (block != nullptr) block[j] = bits_of(out + begin + j);
   }
 }
 
@@ -323,7 +342,7 @@ std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exac
       missed |= miss & 1u;  // the low bit only: see half_route_blocks
     }
     if constexpr (per_value) {
-      if (missed != 0) redo_missed(misses, i, out, block, exact);
+      if (missed != 0) redo_missed(miss_mask(misses), i, out, block, exact);
     } else if (missed != 0) {
       exact(i, i + B);
       continue;
@@ -411,11 +430,12 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 r
 }
 
 /**
- * @brief @p count float_route_blocks of bfloat16 values through the float route with one
- *        feature's coefficients @p k (planes), AVX-512: out[j] = act(round(y_f)), as
- *        float_route_value computes them (its operations in its order).
- * @param misses per block b, bit j set where its value j missed; the caller redoes the whole
- *        block when any did (redoes_missed_values), so its out is then to be discarded.
+ * @brief @p count float_route_blocks of Format's values through the float route with one
+ *        feature's coefficients @p k (planes), AVX-512, as the generic loops compute them (their
+ *        operations in their order): bfloat16 as float_route_value, out[j] = act(round(y_f));
+ *        half as half_route_blocks with the AVX-512 conversions, out[j] = round(act(y_f)).
+ * @param misses per block b, bit j set where its value j missed: that out is then to be replaced
+ *        by the double formula's (redoes_missed_values: the value, or the block whole).
  *
  * A separate function (its target attribute), so a consumer's FMA contraction (GCC's default in
  * its GNU modes, which CMake's C++17 selects) may fuse a product and a sum in it, which the
@@ -427,69 +447,52 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 r
  * every block with a chain of shuffles and ors to reduce them to one integer; the check and that
  * reduction were about 60 % of bfloat16 inference on (8, 256, 56, 56) (1.06 ms against 0.40 ms
  * without the check: harness, 1 thread, in cache). Here both comparisons and the block's result
- * stay in mask registers: inference 1.00–1.17 → 0.85–0.90 ms (the same harness, the same
- * outputs; bench_cpu, 1 thread: 0.81–0.82 → 0.93–0.96 of PyTorch's time). Training forward, whose
- * time is mostly the statistics in double, moved within the noise. Rows (per-lane coefficients)
- * keep the generic loop.
- */
-template <bool Relu>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void bfloat16_blocks_avx512(
-    const void* in, void* out, std::int64_t count, const FloatRoute& k, std::uint64_t* misses) {
-  const auto* x = static_cast<const std::uint16_t*>(in);
-  auto* o = static_cast<std::uint16_t*>(out);
-  const __m512i half_interval = _mm512_set1_epi32(0x8000);  // of the 16 dropped bits
-  for (std::int64_t b = 0; b < count; ++b, x += float_route_block, o += float_route_block) {
-    std::uint64_t missed = 0;
-    for (int q = 0; q < float_route_block; q += 16) {
-      // widen: the bits in the upper half of a float (bfloat16_to_float)
-      const __m256i in16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q));
-      const __m512 v = _mm512_castsi512_ps(
-          _mm512_maskz_slli_epi32(all_16_lanes, _mm512_maskz_cvtepu16_epi32(all_16_lanes, in16), 16));
-      __m512 y;
-      const __mmask16 clear = route_clear_avx512<bits::bfloat16_format>(v, k, y);
-      missed |= static_cast<std::uint64_t>(static_cast<std::uint16_t>(~clear)) << q;
-      // bfloat16_format::round_off_midpoint, then relu as round_when_clear (a set sign bit → +0)
-      __m512i r = _mm512_maskz_srli_epi32(all_16_lanes, _mm512_add_epi32(_mm512_castps_si512(y), half_interval), 16);
-      if constexpr (Relu) r = _mm512_maskz_mov_epi32(_mm512_testn_epi32_mask(r, half_interval), r);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q), _mm512_maskz_cvtepi32_epi16(all_16_lanes, r));
-    }
-    misses[b] = missed;
-  }
-}
-
-/**
- * @brief @p count float_route_blocks of half values through the float route with one feature's
- *        coefficients @p k (planes), AVX-512, as half_route_blocks computes them with the AVX-512
- *        conversions (its operations in its order; FMA contraction as for
- *        bfloat16_blocks_avx512): out[j] = round(act(y_f)).
- * @param misses per block b, bit j set where its value j missed (that out is then to be
- *        replaced by the double formula's).
+ * stay in mask registers: bfloat16 inference 1.00–1.17 → 0.85–0.90 ms (the same harness, the
+ * same outputs; bench_cpu, 1 thread: 0.81–0.82 → 0.93–0.96 of PyTorch's time). Training
+ * forward, whose time is mostly the statistics, moved within the noise. Rows (per-lane
+ * coefficients) keep the generic loops.
  *
- * By hand for the reason of bfloat16_blocks_avx512; a block's misses come back as one 64-bit mask
- * instead of 64 flag bytes, and the caller visits only its set bits. Half misses far more often
- * than bfloat16 (a value in ~300 on bench_cpu's data, a block in five), so that visit mattered:
- * half inference on (8, 256, 56, 56) with that data, 1 thread, in cache, 2.32–2.66 → 1.36–1.79 ms
- * (harness, the same outputs), and writing blocks straight to y when it is not x took part in it.
- * Blocks in groups of blocks_per_call per call (constants set up once; the misses visited after
- * the group): half inference 1.39–1.46 → 1.26–1.33 ms (the same harness, three rounds
- * alternated); bfloat16's time did not move.
+ * A block's misses come back as one 64-bit mask, and the caller visits only its set bits. Half
+ * misses far more often than bfloat16 (a value in ~300 on bench_cpu's data, a block in five), so
+ * that visit mattered: half inference on (8, 256, 56, 56) with that data, 1 thread, in cache,
+ * 2.32–2.66 → 1.36–1.79 ms (harness, the same outputs), and writing blocks straight to y when it
+ * is not x took part in it. Blocks in groups of blocks_per_call per call (constants set up once;
+ * the misses visited after the group): half inference 1.39–1.46 → 1.26–1.33 ms (the same
+ * harness, three rounds alternated); bfloat16's time did not move.
  */
-template <bool Relu>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void half_blocks_avx512(
+template <class Format, bool Relu>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void planes_blocks_avx512(
     const void* in, void* out, std::int64_t count, const FloatRoute& k, std::uint64_t* misses) {
+  constexpr bool is_half = std::is_same_v<Format, bits::half_format>;
+  static_assert(is_half || std::is_same_v<Format, bits::bfloat16_format>, "a 16-bit format");
   const auto* x = static_cast<const std::uint16_t*>(in);
   auto* o = static_cast<std::uint16_t*>(out);
+  const __m512i half_interval = _mm512_set1_epi32(0x8000);  // of bfloat16's 16 dropped bits
   for (std::int64_t b = 0; b < count; ++b, x += float_route_block, o += float_route_block) {
     std::uint64_t missed = 0;
     for (int q = 0; q < float_route_block; q += 16) {
-      const __m512 v = _mm512_maskz_cvtph_ps(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q)));
+      const __m256i in16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q));
+      __m512 v;
+      if constexpr (is_half)
+        v = _mm512_maskz_cvtph_ps(all_16_lanes, in16);
+      else  // the bits in the upper half of a float (bfloat16_to_float)
+        v = _mm512_castsi512_ps(
+            _mm512_maskz_slli_epi32(all_16_lanes, _mm512_maskz_cvtepu16_epi32(all_16_lanes, in16), 16));
       __m512 y;
-      const __mmask16 clear = route_clear_avx512<bits::half_format>(v, k, y);
+      const __mmask16 clear = route_clear_avx512<Format>(v, k, y);
       missed |= static_cast<std::uint64_t>(static_cast<std::uint16_t>(~clear)) << q;
-      // relu before rounding, as half_route_blocks' activate: max(y_f, +0) (both zeros give +0)
-      const __m512 activated = Relu ? _mm512_maskz_max_ps(all_16_lanes, y, _mm512_setzero_ps()) : y;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q),
-                          _mm512_maskz_cvtps_ph(all_16_lanes, activated, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      __m256i rounded;
+      if constexpr (is_half) {
+        // relu before rounding, as half_route_blocks' activate: max(y_f, +0) (both zeros give +0)
+        const __m512 activated = Relu ? _mm512_maskz_max_ps(all_16_lanes, y, _mm512_setzero_ps()) : y;
+        rounded = _mm512_maskz_cvtps_ph(all_16_lanes, activated, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+        // bfloat16_format::round_off_midpoint, then relu as round_when_clear (a set sign bit → +0)
+        __m512i r = _mm512_maskz_srli_epi32(all_16_lanes, _mm512_add_epi32(_mm512_castps_si512(y), half_interval), 16);
+        if constexpr (Relu) r = _mm512_maskz_mov_epi32(_mm512_testn_epi32_mask(r, half_interval), r);
+        rounded = _mm512_maskz_cvtepi32_epi16(all_16_lanes, r);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q), rounded);
     }
     misses[b] = missed;
   }
@@ -498,7 +501,7 @@ BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /**
  * @brief A feature's planes through the float route with the hand-written AVX-512 blocks
- *        (bfloat16_blocks_avx512, half_blocks_avx512), whole blocks of [0, length): y[i] =
+ *        (planes_blocks_avx512), whole blocks of [0, length): y[i] =
  *        act((x[i] − mean)·scale + bias), the missed values by @p exact as float_route_blocks
  *        does for Format (redoes_missed_values: each missed value, or a block with a miss whole).
  *        x may be y.
@@ -518,18 +521,11 @@ std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, cons
     std::uint16_t buffer[B];
     std::uint64_t misses[blocks_per_call];
     void* to = in_place ? static_cast<void*>(buffer) : static_cast<void*>(y + i);
-    if constexpr (std::is_same_v<Format, bits::half_format>)
-      half_blocks_avx512<Relu>(x + i, to, count, k, misses);
-    else
-      bfloat16_blocks_avx512<Relu>(x + i, to, count, k, misses);
+    planes_blocks_avx512<Format, Relu>(x + i, to, count, k, misses);
     for (std::int64_t b = 0; b < count; ++b, i += B) {
-      std::uint64_t missed = misses[b];
+      const std::uint64_t missed = misses[b];
       if constexpr (redoes_missed_values<Format>) {
-        for (; missed != 0; missed &= missed - 1) {  // the set bits alone, as redo_missed
-          const std::int64_t j = __builtin_ctzll(missed);
-          exact(i + j, i + j + 1);
-          if (in_place) buffer[j] = bits_of(y + i + j);
-        }
+        redo_missed(missed, i, y, in_place ? buffer : nullptr, exact);
       } else if (missed != 0) {
         exact(i, i + B);  // x intact: the block went to the buffer if in place
         continue;
@@ -576,7 +572,7 @@ std::int64_t half_route_blocks(T* out, std::int64_t length, WidenInputs&& widen_
     } else {
       std::uint16_t block[B];
       narrow(result, block);
-      redo_missed(misses, i, out, block, exact);
+      redo_missed(miss_mask(misses), i, out, block, exact);
       std::memcpy(static_cast<void*>(out + i), block, sizeof block);
     }
   }
