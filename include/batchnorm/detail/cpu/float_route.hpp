@@ -123,9 +123,13 @@ struct RouteLanes {
 };
 using FloatRouteLanes = RouteLanes<FloatRoute>;
 
-/// The route of a single feature, the same for every value (planes).
+/// The route of a single feature, the same for every value (planes), with the double formula's
+/// coefficients (the hand-written AVX-512 blocks redo the values the route misses with them).
 struct SameFloatRoute {
   FloatRoute k;
+  double mean = 0.0, scale = 0.0, bias = 0.0;
+  SameFloatRoute(double mean_, double scale_, double bias_)
+      : k(float_route(mean_, scale_, bias_)), mean(mean_), scale(scale_), bias(bias_) {}
   BN_CONVERT_INLINE const FloatRoute& operator()(std::int64_t) const { return k; }
 };
 
@@ -430,6 +434,66 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 r
 }
 
 /**
+ * @brief The double formula for @p count 16-bit values of Format, vectorized, eight at a time:
+ *        y[at[i]] = act((x − mean)·scale + bias) for x the value of bits input[i], as
+ *        normalize_at computes it (in double, each operation rounded on its own: the _round_
+ *        forms are never contracted into an FMA), rounded to Format as double_to_half and
+ *        double_to_bfloat16 do (to odd at the format's bits + 2, exactly to float, to nearest
+ *        even; NaN → 0x7fff with the sign).
+ *
+ * Why: the values the hand-written blocks miss, pooled. The route misses a half value in ~300
+ * on bench_cpu's data (values near 0, where half's steps are fine), a block in five. The scalar
+ * formula and conversion, a value at a time, took about a quarter of half inference (harness,
+ * (8, 256, 56, 56), 1 thread: 0.80 ms, 0.60 with the misses left wrong); redone per block of 64,
+ * bfloat16's rarer misses cost a 64-value pass each. A 16-value group with a miss redone at once
+ * in the block loop gained nothing: a group holds one miss.
+ */
+template <class Format, bool Relu>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_values_avx512(
+    const std::uint16_t* input, const std::int64_t* at, std::int64_t count, const SameFloatRoute& route, void* y) {
+  constexpr bool is_half = std::is_same_v<Format, bits::half_format>;
+  constexpr int current = _MM_FROUND_CUR_DIRECTION;
+  constexpr __mmask8 all_8 = 0xff;
+  const __m512d mean = _mm512_set1_pd(route.mean), scale = _mm512_set1_pd(route.scale),
+                bias = _mm512_set1_pd(route.bias), zero = _mm512_setzero_pd();
+  // round_to_odd at the format's significant bits + 2 (13 for half, 10 for bfloat16)
+  constexpr int kept = is_half ? 13 : 10;
+  const __m512i dropped = _mm512_set1_epi64((std::int64_t{1} << (53 - kept)) - 1);
+  const __m128i magnitude = _mm_set1_epi16(0x7fff);
+  auto* out = static_cast<std::uint16_t*>(y);
+  for (std::int64_t k = 0; k < count; k += 8) {
+    const std::int64_t n = std::min<std::int64_t>(8, count - k);
+    alignas(16) std::uint16_t lanes[8];
+    for (std::int64_t l = 0; l < 8; ++l) lanes[l] = input[k + std::min(l, n - 1)];  // padded: the last again
+    const __m128i in8 = _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+    const __m256 widened = is_half ? _mm256_maskz_cvtph_ps(all_8, in8)
+                                   : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(in8), 16));
+    __m512d d = _mm512_maskz_sub_round_pd(all_8, _mm512_maskz_cvtps_pd(all_8, widened), mean, current);
+    d = _mm512_maskz_add_round_pd(all_8, _mm512_maskz_mul_round_pd(all_8, d, scale, current), bias, current);
+    if constexpr (Relu) d = _mm512_mask_mov_pd(d, _mm512_cmp_pd_mask(d, zero, _CMP_LT_OQ), zero);  // apply_relu
+    const __m512i u = _mm512_castpd_si512(d);
+    const __m512i odd = _mm512_maskz_andnot_epi64(
+        all_8, dropped, _mm512_or_si512(u, _mm512_add_epi64(_mm512_and_si512(u, dropped), dropped)));
+    const __m256 narrowed = _mm512_maskz_cvtpd_ps(all_8, _mm512_castsi512_pd(odd));  // exact
+    __m128i r;
+    if constexpr (is_half) {
+      r = _mm256_maskz_cvtps_ph(all_8, narrowed, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  // double_to_bfloat16's nearest even on the float's bits
+      const __m256i f = _mm256_castps_si256(narrowed);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(f, 16), _mm256_set1_epi32(1));
+      r = _mm256_cvtepi32_epi16(
+          _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(f, _mm256_set1_epi32(0x7fff)), lsb), 16));
+    }
+    // NaN: 0x7fff with the sign, as the conversion functions (the instruction keeps a payload)
+    const __mmask8 nan = _mm_cmpgt_epi16_mask(_mm_and_si128(r, magnitude), _mm_set1_epi16(is_half ? 0x7c00 : 0x7f80));
+    r = _mm_mask_mov_epi16(r, nan, _mm_or_si128(r, magnitude));
+    alignas(16) std::uint16_t results[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(results), r);
+    for (std::int64_t l = 0; l < n; ++l) out[at[k + l]] = results[l];
+  }
+}
+
+/**
  * @brief @p count float_route_blocks of Format's values through the float route with one
  *        feature's coefficients @p k (planes), AVX-512, as the generic loops compute them (their
  *        operations in their order): bfloat16 as float_route_value, out[j] = act(round(y_f));
@@ -501,38 +565,59 @@ BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /**
  * @brief A feature's planes through the float route with the hand-written AVX-512 blocks
- *        (planes_blocks_avx512), whole blocks of [0, length): y[i] =
- *        act((x[i] − mean)·scale + bias), the missed values by @p exact as float_route_blocks
- *        does for Format (redoes_missed_values: each missed value, or a block with a miss whole).
- *        x may be y.
+ *        (planes_blocks_avx512), whole blocks of [0, length): y[i] = act((x[i] − mean)·scale +
+ *        bias), the values the route misses pooled and redone by the double formula, eight at a
+ *        time (exact_values_avx512), or by @p exact(i, i + 1) (normalize_at) in a build for its
+ *        own flags. x may be y.
  * @return the number of values done, a multiple of float_route_block.
  */
 template <bool Relu, class T, class Exact>
-std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, const FloatRoute& k, Exact&& exact) {
+std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, const SameFloatRoute& route,
+                                     Exact&& exact) {
   using Format = typename convert<T>::format;
   constexpr std::int64_t B = float_route_block;
   // Blocks are written straight to y, a group at a time, or, in place, one at a time through a
-  // buffer: its missed values need their inputs.
+  // buffer: the missed values' inputs are taken before it is copied.
   const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(y);
   const std::int64_t group = in_place ? 1 : blocks_per_call;
+  // The missed values' positions and inputs, redone when a block's misses might not fit.
+  constexpr std::int64_t pool_size = 2 * B;
+  std::int64_t at[pool_size];
+  std::uint16_t input[pool_size];
+  std::int64_t pooled = 0;
+  auto redo_pooled = [&] {
+#if defined(BATCHNORM_CPU_DISPATCH)
+    (void)exact;
+    exact_values_avx512<Format, Relu>(input, at, pooled, route, y);
+#else
+    // A build for its own flags may contract normalize_at's (x − mean)·scale + bias into an
+    // FMA, which exact_values_avx512 never does (as the dispatched versions): the scalar formula
+    // keeps every loop of such a build on the same bits. In place, the input is put back first.
+    for (std::int64_t k = 0; k < pooled; ++k) {
+      if (in_place) std::memcpy(static_cast<void*>(y + at[k]), input + k, sizeof(T));
+      exact(at[k], at[k] + 1);
+    }
+#endif
+    pooled = 0;
+  };
   std::int64_t i = 0;
   while (i + B <= length) {
     const std::int64_t count = std::min(group, (length - i) / B);
     std::uint16_t buffer[B];
     std::uint64_t misses[blocks_per_call];
     void* to = in_place ? static_cast<void*>(buffer) : static_cast<void*>(y + i);
-    planes_blocks_avx512<Format, Relu>(x + i, to, count, k, misses);
+    planes_blocks_avx512<Format, Relu>(x + i, to, count, route.k, misses);
     for (std::int64_t b = 0; b < count; ++b, i += B) {
-      const std::uint64_t missed = misses[b];
-      if constexpr (redoes_missed_values<Format>) {
-        redo_missed(missed, i, y, in_place ? buffer : nullptr, exact);
-      } else if (missed != 0) {
-        exact(i, i + B);  // x intact: the block went to the buffer if in place
-        continue;
+      for (std::uint64_t missed = misses[b]; missed != 0; missed &= missed - 1) {
+        const std::int64_t j = i + lowest_set_bit(missed);
+        at[pooled] = j;
+        input[pooled++] = bits_of(x + j);
       }
       if (in_place) std::memcpy(static_cast<void*>(y + i), buffer, sizeof buffer);
+      if (pooled > pool_size - B) redo_pooled();
     }
   }
+  redo_pooled();
   return i;
 }
 
@@ -609,7 +694,7 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
   // A feature's planes by hand under AVX-512 (whose half conversion is chosen with it; bfloat16's
   // conversions are shifts, so the same choice stands for AVX-512 in use)
   if constexpr (std::is_same_v<Route, SameFloatRoute>)
-    if (conversion == HalfConversion::avx512) return normalize_planes_avx512<Relu>(x, y, length, route.k, exact);
+    if (conversion == HalfConversion::avx512) return normalize_planes_avx512<Relu>(x, y, length, route, exact);
   if (takes_half_instructions<T>(conversion)) {
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block];

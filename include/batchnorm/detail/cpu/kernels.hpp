@@ -1166,7 +1166,7 @@ void normalize_run(const T* x, const T* residual, T* y, std::int64_t length, dou
     for (std::int64_t i = begin; i < end; ++i) normalize_at<Residual, Relu>(x, residual, y, i, mean, scale, bias);
   };
   if constexpr (!Residual && has_float_route<T>) {
-    const SameFloatRoute route{float_route(mean, scale, bias)};
+    const SameFloatRoute route(mean, scale, bias);
     const std::int64_t done = route.k.usable ? normalize_float_route<Relu>(x, y, length, route, exact, half_conversion_in_use()) : 0;
     if (done == length) return;
     // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
