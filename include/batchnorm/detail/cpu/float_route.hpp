@@ -301,8 +301,7 @@ inline std::uint64_t miss_mask(const std::uint8_t* misses) {
 /**
  * @brief The values of a block that the float route missed (the set bits j of @p missed), each by
  *        @p exact(begin + j, begin + j + 1), the double formula, which writes out[begin + j];
- *        that result then replaces block[j] where the block is buffered (@p block not null).
- *        Only those values: redoing each block with a miss whole in double made half's
+ *        that result then replaces block[j]. Only those values: redoing each block with a miss whole in double made half's
  *        normalization 1.4× slower (0.037 vs 0.026 ms in cache, with the conversion
  *        instructions, harness).
  */
@@ -311,7 +310,7 @@ void redo_missed(std::uint64_t missed, std::int64_t begin, T* out, std::uint16_t
   for (; missed != 0; missed &= missed - 1) {  // the set bits alone
     const int j = lowest_set_bit(missed);
     exact(begin + j, begin + j + 1);
-    if (block != nullptr) block[j] = bits_of(out + begin + j);
+    block[j] = bits_of(out + begin + j);
   }
 }
 
@@ -499,7 +498,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
  *        operations in their order): bfloat16 as float_route_value, out[j] = act(round(y_f));
  *        half as half_route_blocks with the AVX-512 conversions, out[j] = round(act(y_f)).
  * @param misses per block b, bit j set where its value j missed: that out is then to be replaced
- *        by the double formula's (redoes_missed_values: the value, or the block whole).
+ *        by the double formula's (normalize_planes_avx512 pools them for exact_values_avx512).
  *
  * A separate function (its target attribute), so a consumer's FMA contraction (GCC's default in
  * its GNU modes, which CMake's C++17 selects) may fuse a product and a sum in it, which the
