@@ -286,7 +286,7 @@ BN_CONVERT_INLINE int lowest_set_bit(std::uint64_t mask) {
 #endif
 }
 
-/// The misses of a float_route_block values as a mask (bit j set where misses[j] != 0).
+/// The misses of a block of float_route_block values as a mask (bit j set where misses[j] != 0).
 inline std::uint64_t miss_mask(const std::uint8_t* misses) {
   std::uint64_t mask = 0;
   for (std::int64_t w = 0; w < float_route_block; w += 8) {
@@ -301,9 +301,9 @@ inline std::uint64_t miss_mask(const std::uint8_t* misses) {
 /**
  * @brief The values of a block that the float route missed (the set bits j of @p missed), each by
  *        @p exact(begin + j, begin + j + 1), the double formula, which writes out[begin + j];
- *        that result then replaces block[j]. Only those values: redoing each block with a miss whole in double made half's
- *        normalization 1.4× slower (0.037 vs 0.026 ms in cache, with the conversion
- *        instructions, harness).
+ *        that result then replaces block[j]. Only those values: redoing each block with a miss
+ *        whole in double made half's normalization 1.4× slower (0.037 vs 0.026 ms in cache,
+ *        with the conversion instructions, harness).
  */
 template <class T, class Exact>
 void redo_missed(std::uint64_t missed, std::int64_t begin, T* out, std::uint16_t* block, Exact& exact) {
