@@ -492,21 +492,6 @@ void widen_adding_sums(const T* __restrict x, std::int64_t length, double center
   using Format = typename convert<T>::format;
   static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
   const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
-  // [0, widened) already in wide (whole blocks, by the conversion instructions)
-  std::int64_t widened = 0;
-#if defined(BATCHNORM_CPU_X86_TARGETS)
-  if (takes_half_instructions<T>(conversion)) {
-    widened = with_half_instructions(conversion, [&](auto widen, auto) {
-      std::int64_t blocks_end = 0;
-      for (; blocks_end + float_route_block <= length; blocks_end += float_route_block) {
-        if (ahead) prefetch_ahead(x + blocks_end, float_route_block);
-        widen(x + blocks_end, wide + blocks_end);
-      }
-      return blocks_end;
-    });
-  }
-#endif
-  (void)conversion;
   auto add = [&](std::int64_t i, std::int64_t j) {
     const double d = static_cast<double>(wide[i]) - center;
     acc[j] += d;
@@ -517,8 +502,22 @@ void widen_adding_sums(const T* __restrict x, std::int64_t length, double center
     add(i, j);
   };
   std::int64_t i = 0;
-  for (; i < widened; i += Lanes)
-    for (std::int64_t j = 0; j < Lanes; ++j) add(i + j, j);
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  if (takes_half_instructions<T>(conversion)) {
+    // Whole blocks by the conversion instructions, each added while it is in L1
+    i = with_half_instructions(conversion, [&](auto widen, auto) {
+      std::int64_t b = 0;
+      for (; b + float_route_block <= length; b += float_route_block) {
+        if (ahead) prefetch_ahead(x + b, float_route_block);
+        widen(x + b, wide + b);
+        for (std::int64_t k = b; k < b + float_route_block; k += Lanes)
+          for (std::int64_t j = 0; j < Lanes; ++j) add(k + j, j);
+      }
+      return b;
+    });
+  }
+#endif
+  (void)conversion;
   for (; i + Lanes <= length; i += Lanes) {
     if (ahead) prefetch_ahead(x + i, Lanes);
     for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
