@@ -435,27 +435,24 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 r
 }
 
 /**
- * @brief The float route for 16 half values at once (AVX-512): @p rounded = act(round_half(y_f))
- *        for the floats @p v, and the lanes where that is the double formula's value.
+ * @brief The half rounding of 16 float route values at once (AVX-512): @p rounded =
+ *        act(round_half(y_f)), and the lanes where that is the double formula's value, for the
+ *        floats @p y (y_f) and their error bounds @p bound (E).
  *
- * The double formula's value d lies within the error bound E of y_f (route_value), so in
- * [lo, hi] = [y_f − E rounded down, y_f + E rounded up]. Rounding to half (to nearest even, the
- * conversion instruction's; subnormals and overflow included) and relu are monotonic, so when
- * lo and hi give the same half, d gives it too; NaN ends miss (so do y_f = ±inf with an infinite
- * bound). This clears about the lanes boundary_miss clears (give or take an end within a float
- * step of a boundary), and also those of the range it leaves to the double formula, with fewer
- * instructions: two roundings and a 16-bit comparison instead of the distances to the midpoint
- * and to the interval below and the range test. Either way a lane's output is the double
- * formula's bits. Measured (harness,
- * (8, 256, 56, 56) inference, 1 thread, in cache): that check took about half of the time.
+ * The double formula's value d lies within E of y_f, so in [lo, hi] = [y_f − E rounded down,
+ * y_f + E rounded up]. Rounding to half (to nearest even, the conversion instruction's;
+ * subnormals and overflow included) and relu are monotonic, so when lo and hi give the same
+ * half, d gives it too; NaN ends miss (so do y_f = ±inf with an infinite bound). This clears
+ * about the lanes boundary_miss clears (give or take an end within a float step of a boundary),
+ * and also those of the range it leaves to the double formula, with fewer instructions: two
+ * roundings and a 16-bit comparison instead of the distances to the midpoint and to the interval
+ * below and the range test. Either way a lane's output is the double formula's bits. Measured
+ * (harness, (8, 256, 56, 56) inference, 1 thread, in cache): that check took about half of the
+ * time.
  */
 template <bool Relu>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 half_route_avx512(
-    const __m512& v, const FloatRoute& k, __m256i& rounded) {
-  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
-  const __m512 bound =
-      _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
-  const __m512 y = _mm512_add_ps(scaled, _mm512_set1_ps(k.bias));
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 half_interval_avx512(
+    const __m512& y, const __m512& bound, __m256i& rounded) {
   __m512 lo = _mm512_maskz_sub_round_ps(all_16_lanes, y, bound, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 hi = _mm512_maskz_add_round_ps(all_16_lanes, y, bound, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
   const __mmask16 ordered = _mm512_cmp_ps_mask(lo, hi, _CMP_ORD_Q);
@@ -466,6 +463,57 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 h
   rounded = _mm512_maskz_cvtps_ph(all_16_lanes, lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i upper = _mm512_maskz_cvtps_ph(all_16_lanes, hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm256_mask_cmpeq_epi16_mask(ordered, rounded, upper);
+}
+
+/// route_value on 16 half values at once (AVX-512), rounded by half_interval_avx512.
+template <bool Relu>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 half_route_avx512(
+    const __m512& v, const FloatRoute& k, __m256i& rounded) {
+  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
+  const __m512 bound =
+      _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
+  return half_interval_avx512<Relu>(_mm512_add_ps(scaled, _mm512_set1_ps(k.bias)), bound, rounded);
+}
+
+/// 16 halves at @p h widened to floats (AVX-512 F).
+__attribute__((target("avx512f,avx512vl"))) inline __m512 widen_16_halves_avx512(const std::uint16_t* h) {
+  return _mm512_maskz_cvtph_ps(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+}
+
+/**
+ * @brief gradient_route_value on a block of float_route_block half values (AVX-512): @p out =
+ *        round_half(dx_f) for the inputs x and dy (and relu's y: g = 0 where y <= 0), rounded
+ *        by half_interval_avx512. @return the block's misses, bit j for value j.
+ * Why: through the generic loop (GCC's vectorization of the scalar check and its reduction),
+ * the input gradient was a third of half backward (perf, harness).
+ */
+template <bool Relu>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64_t half_gradient_block_avx512(
+    const void* x, const void* dy, const void* y, std::uint16_t* out, const FloatGradientRoute& k) {
+  const auto* xs = static_cast<const std::uint16_t*>(x);
+  const auto* gs = static_cast<const std::uint16_t*>(dy);
+  const auto* ys = static_cast<const std::uint16_t*>(y);
+  std::uint64_t missed = 0;
+  for (int q = 0; q < float_route_block; q += 16) {
+    __m512 g = widen_16_halves_avx512(gs + q);
+    if constexpr (Relu)  // apply_relu_backward: 0 where y <= 0 (NaN keeps g)
+      g = _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(widen_16_halves_avx512(ys + q), _mm512_setzero_ps(), _CMP_LE_OQ),
+                             _mm512_setzero_ps());
+    // gradient_route_value, in its order
+    const __m512 p = _mm512_mul_ps(
+        _mm512_sub_ps(_mm512_sub_ps(widen_16_halves_avx512(xs + q), _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.shift)),
+        _mm512_set1_ps(k.xmu_scale));
+    const __m512 qv = _mm512_mul_ps(g, _mm512_set1_ps(k.dy_scale));
+    const __m512 bound = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(qv), _mm512_set1_ps(0x1.4p-22f)),
+                                                     _mm512_mul_ps(_mm512_abs_ps(p), _mm512_set1_ps(0x1.ep-22f))),
+                                       _mm512_set1_ps(k.slack));
+    const __m512 dx = _mm512_add_ps(_mm512_add_ps(qv, p), _mm512_set1_ps(k.constant));
+    __m256i rounded;
+    const __mmask16 clear = half_interval_avx512<false>(dx, bound, rounded);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q), rounded);
+    missed |= static_cast<std::uint64_t>(static_cast<std::uint16_t>(~clear)) << q;
+  }
+  return missed;
 }
 
 /**
@@ -665,6 +713,28 @@ std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, cons
     }
   }
   redo_pooled();
+  return i;
+}
+
+/**
+ * @brief A feature's half input gradient through the float route with the hand-written AVX-512
+ *        blocks (half_gradient_block_avx512), whole blocks of [0, length): dx as
+ *        input_gradient_value (training), the values the route misses by @p exact(i, i + 1)
+ *        (redo_missed). A block's outputs are written after all of its inputs are read (dx may
+ *        be x or dy). @p y: relu's output, or null.
+ * @return the number of values done, a multiple of float_route_block.
+ */
+template <bool Relu, class T, class Exact>
+std::int64_t gradient_planes_avx512(const T* x, const T* dy, const T* y, T* dx, std::int64_t length,
+                                    const FloatGradientRoute& route, Exact&& exact) {
+  constexpr std::int64_t B = float_route_block;
+  std::int64_t i = 0;
+  for (; i + B <= length; i += B) {
+    std::uint16_t block[B];
+    const std::uint64_t missed = half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, block, route);
+    if (missed != 0) redo_missed(missed, i, dx, block, exact);
+    std::memcpy(static_cast<void*>(dx + i), block, sizeof block);
+  }
   return i;
 }
 

@@ -600,27 +600,56 @@ inline double upstream(const T* dy, const T* y, std::int64_t i) {
   else return g;
 }
 
-/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) (g the upstream gradient), one mean.
+/// Lanes of Σg, Σg·(x − mean), Σ(x − mean) (g the upstream gradient), one mean. Half values with
+/// @p conversion's instructions are widened a block at a time (float_route.hpp), each block's
+/// terms added right after (the same terms: the widening is exact); the software conversion of
+/// each value took about two thirds of half backward (perf, harness).
 template <bool Relu, std::int64_t Lanes, class T>
 void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
                              std::int64_t length, double mean, double* __restrict s_dy, double* __restrict s_dy_xmu,
-                             double* __restrict s_xmu) {
+                             double* __restrict s_xmu, HalfConversion conversion) {
   using conv = convert<T>;
-  auto step = [&](std::int64_t i, std::int64_t j) {
-    const double g = upstream<Relu>(dy, y, i);
-    const double xmu = conv::to_double(x[i]) - mean;
+  static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
+  auto add = [&](double g, double xmu, std::int64_t j) {
     s_dy[j] += g;
     s_dy_xmu[j] += g * xmu;
     s_xmu[j] += xmu;
   };
+  auto step = [&](std::int64_t i, std::int64_t j) { add(upstream<Relu>(dy, y, i), conv::to_double(x[i]) - mean, j); };
   const bool ahead = prefetches(length, sizeof(T));  // backward's first reads (as add_plane_deviations)
+  auto prefetch = [&](std::int64_t i, std::int64_t count) {
+    prefetch_ahead(x + i, count);
+    prefetch_ahead(dy + i, count);
+    if constexpr (Relu) prefetch_ahead(y + i, count);
+  };
   std::int64_t i = 0;
-  for (; i + Lanes <= length; i += Lanes) {
-    if (ahead) {
-      prefetch_ahead(x + i, Lanes);
-      prefetch_ahead(dy + i, Lanes);
-      if constexpr (Relu) prefetch_ahead(y + i, Lanes);
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  if constexpr (has_float_route<T>) {
+    if (takes_half_instructions<T>(conversion)) {
+      i = with_half_instructions(conversion, [&](auto widen, auto) {
+        constexpr std::int64_t B = float_route_block;
+        alignas(64) float xf[B], gf[B], yf[Relu ? B : 1];
+        std::int64_t b = 0;
+        for (; b + B <= length; b += B) {
+          if (ahead) prefetch(b, B);
+          widen(x + b, xf);
+          widen(dy + b, gf);
+          if constexpr (Relu) widen(y + b, yf);
+          for (std::int64_t k = 0; k < B; k += Lanes)
+            for (std::int64_t j = 0; j < Lanes; ++j) {
+              double g = gf[k + j];
+              if constexpr (Relu) g = relu_backward(g, static_cast<double>(yf[k + j]));
+              add(g, static_cast<double>(xf[k + j]) - mean, j);
+            }
+        }
+        return b;
+      });
     }
+  }
+#endif
+  (void)conversion;
+  for (; i + Lanes <= length; i += Lanes) {
+    if (ahead) prefetch(i, Lanes);
     for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
   }
   for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
@@ -1280,9 +1309,11 @@ template <bool Relu, class T>
 BackwardSums<double> plane_range_gradient_sums(const Geometry& g, const T* x, const T* dy, const T* y, std::int64_t c,
                                                std::int64_t begin, std::int64_t end, double mean) {
   alignas(64) double a[plane_gradient_lanes] = {}, b[plane_gradient_lanes] = {}, d[plane_gradient_lanes] = {};
+  const HalfConversion conversion = half_conversion_in_use();
   for_each_run(begin, end, g.S, [&](std::int64_t n, std::int64_t s, std::int64_t length) {
     const std::int64_t o = (n * g.C + c) * g.S + s;
-    add_plane_gradient_sums<Relu, plane_gradient_lanes>(x + o, dy + o, Relu ? y + o : nullptr, length, mean, a, b, d);
+    add_plane_gradient_sums<Relu, plane_gradient_lanes>(x + o, dy + o, Relu ? y + o : nullptr, length, mean, a, b, d,
+                                                        conversion);
   });
   return {sum_plane_lanes<plane_gradient_lanes>(a), sum_plane_lanes<plane_gradient_lanes>(b),
           sum_plane_lanes<plane_gradient_lanes>(d)};
@@ -1425,9 +1456,16 @@ void input_gradient_part(const T* x, const T* dy, const T* y, T* dx, T* dresidua
   };
   if constexpr (Dx && !Dres && Training && has_float_route<T>) {
     if (route.usable) {
-      const std::int64_t done =
-          input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact,
-                                           half_conversion_in_use());
+      const HalfConversion conversion = half_conversion_in_use();
+      std::int64_t done;
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+      // Half under AVX-512: the hand-written blocks (float_route.hpp)
+      if (std::is_same_v<typename convert<T>::format, bits::half_format> && conversion == HalfConversion::avx512)
+        done = gradient_planes_avx512<Relu>(x, dy, y, dx, length, route, exact);
+      else
+#endif
+        done = input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact,
+                                                conversion);
       if (done == length) return;
       // the tail as a run of its own (a loop from `done` draws a false -Waggressive-loop-optimizations)
       x += done;
