@@ -412,17 +412,23 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
  *        the error bound, computed as those two functions do, in their order, with
  *        min(to_mid, to_lower) > bound as two comparisons (NaN fails both).
  */
+/// route_value on 16 floats @p v at once (AVX-512): y_f, and in @p bound its error bound.
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __m512 route_value_avx512(const __m512& v,
+                                                                                            const FloatRoute& k,
+                                                                                            __m512& bound) {
+  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
+  bound = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
+  return _mm512_add_ps(scaled, _mm512_set1_ps(k.bias));
+}
+
 template <class Format>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 route_clear_avx512(
     const __m512& v, const FloatRoute& k, __m512& y) {
   // Half takes half_route_avx512 (whose conversion instruction rounds its whole range)
   static_assert(!Format::checks_range, "a format that is a truncated float over its whole range");
   constexpr std::uint32_t dropped = (1u << Format::dropped_bits) - 1;
-  // route_value
-  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
-  const __m512 bound =
-      _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
-  y = _mm512_add_ps(scaled, _mm512_set1_ps(k.bias));
+  __m512 bound;
+  y = route_value_avx512(v, k, bound);
   // boundary_miss: the midpoint (u & ~dropped) | half an interval, and a quarter interval below
   const __m512i u = _mm512_castps_si512(y);
   const __m512 midpoint = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
@@ -469,10 +475,9 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 h
 template <bool Relu>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 half_route_avx512(
     const __m512& v, const FloatRoute& k, __m256i& rounded) {
-  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
-  const __m512 bound =
-      _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
-  return half_interval_avx512<Relu>(_mm512_add_ps(scaled, _mm512_set1_ps(k.bias)), bound, rounded);
+  __m512 bound;
+  const __m512 y = route_value_avx512(v, k, bound);
+  return half_interval_avx512<Relu>(y, bound, rounded);
 }
 
 /// 16 halves at @p h widened to floats (AVX-512 F).
