@@ -488,6 +488,8 @@ void register_all() {
       {"nc", {{16384, 1024}}},  // beyond issue 9's table: wide rows from memory (64 MiB)
       {"nchw", {{8, 256, 56, 56}, false, Storage::bf16}},
       {"nchw", {{8, 256, 56, 56}, false, Storage::fp16}},  // peers in bfloat16 (peer_storage)
+      {"nhwc", {{8, 256, 56, 56}, true, Storage::bf16}},   // 16-bit rows: the channels-last loops
+      {"nhwc", {{8, 256, 56, 56}, true, Storage::fp16}},
   };
   for (Op op : {Op::train, Op::infer, Op::backward}) {
     for (const auto& entry : cases) {

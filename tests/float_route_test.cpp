@@ -270,6 +270,10 @@ TYPED_TEST(FloatRoute, RowsInputGradientGivesTheDoubleFormulasBits) {
     for (const GradientCoefficients& c : sets)
       if (with_unusable || ci::float_gradient_route(c.mean, c.shift, c.dy_scale, c.xmu_scale, c.constant).usable)
         lanes.push_back(c);
+    // The sets repeated over more than two blocks of lanes and a tail, so that whole blocks take
+    // the block loops (half under AVX-512: per-lane coefficient vectors) and the tail the rest.
+    for (std::size_t j = 0, S = lanes.size(); lanes.size() < static_cast<std::size_t>(2 * ci::float_route_block + 3); ++j)
+      lanes.push_back(lanes[j % S]);
     const std::int64_t W = static_cast<std::int64_t>(lanes.size()), rows = 65536;
     std::vector<T> x(static_cast<std::size_t>(rows * W)), dy, y;
     for (std::int64_t r = 0; r < rows; ++r)

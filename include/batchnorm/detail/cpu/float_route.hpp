@@ -138,6 +138,17 @@ struct SameFloatRoute {
   BN_CONVERT_INLINE const FloatRoute& operator()(std::int64_t) const { return k; }
 };
 
+/// The routes of a rows pass, one per lane (value j of a row is lane j's), with the double
+/// formula's coefficients per lane (the hand-written AVX-512 blocks redo the values the route
+/// misses with them).
+struct LaneFloatRoute {
+  const FloatRouteLanes& k;
+  const double* mean;
+  const double* scale;
+  const double* bias;
+  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const { return k(j); }
+};
+
 /**
  * @brief 0 when no rounding boundary of the format lies within @p bound of the float @p y and y
  *        is in the range where the format is a truncated float (then y and any value within
@@ -276,7 +287,7 @@ BN_CONVERT_INLINE std::uint16_t bits_of(const T* p) {
 /// values amortize it. On typical data a block has a miss about once in 30 in bfloat16 and once
 /// in six in half (harness: 2.8 % and 17 % of the blocks).
 inline constexpr std::int64_t float_route_block = 64;
-/// Blocks per call of a hand-written block function (normalize_planes_avx512): one call sets up
+/// Blocks per call of a hand-written block function (normalize_blocks_avx512): one call sets up
 /// its constants for this many blocks.
 inline constexpr std::int64_t blocks_per_call = 16;
 
@@ -412,18 +423,38 @@ __attribute__((target("avx512f"))) inline void narrow_halves_avx512(const float*
  *        the error bound, computed as those two functions do, in their order, with
  *        min(to_mid, to_lower) > bound as two comparisons (NaN fails both).
  */
-/// route_value on 16 floats @p v at once (AVX-512): y_f, and in @p bound its error bound.
+/// The float route's coefficients of 16 consecutive values (FloatRoute's, per lane).
+struct RouteVectors {
+  __m512 mean, scale, bias, slack;
+};
+
+/// The coefficients of values [i, i + 16): a feature's, the same for all (planes).
+__attribute__((target("avx512f"))) inline RouteVectors route_vectors(const SameFloatRoute& route, std::int64_t) {
+  return {_mm512_set1_ps(route.k.mean), _mm512_set1_ps(route.k.scale), _mm512_set1_ps(route.k.bias),
+          _mm512_set1_ps(route.k.slack)};
+}
+/// The coefficients of values [i, i + 16): lanes i to i + 15's (rows).
+__attribute__((target("avx512f"))) inline RouteVectors route_vectors(const LaneFloatRoute& route, std::int64_t i) {
+  const auto& c = route.k.coefficient;
+  return {_mm512_loadu_ps(c[0] + i), _mm512_loadu_ps(c[1] + i), _mm512_loadu_ps(c[2] + i), _mm512_loadu_ps(c[3] + i)};
+}
+static_assert(FloatRoute::coefficients()[0] == &FloatRoute::mean && FloatRoute::coefficients()[1] == &FloatRoute::scale &&
+                  FloatRoute::coefficients()[2] == &FloatRoute::bias && FloatRoute::coefficients()[3] == &FloatRoute::slack,
+              "route_vectors reads RouteLanes' arrays in this order");
+
+/// route_value on 16 floats @p v at once (AVX-512), with their coefficients @p k: y_f, and in
+/// @p bound its error bound.
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __m512 route_value_avx512(const __m512& v,
-                                                                                            const FloatRoute& k,
+                                                                                            const RouteVectors& k,
                                                                                             __m512& bound) {
-  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.scale));
-  bound = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), _mm512_set1_ps(k.slack));
-  return _mm512_add_ps(scaled, _mm512_set1_ps(k.bias));
+  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, k.mean), k.scale);
+  bound = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(0x1.4p-22f)), k.slack);
+  return _mm512_add_ps(scaled, k.bias);
 }
 
 template <class Format>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 route_clear_avx512(
-    const __m512& v, const FloatRoute& k, __m512& y) {
+    const __m512& v, const RouteVectors& k, __m512& y) {
   // Half takes half_route_avx512 (whose conversion instruction rounds its whole range)
   static_assert(!Format::checks_range, "a format that is a truncated float over its whole range");
   constexpr std::uint32_t dropped = (1u << Format::dropped_bits) - 1;
@@ -474,7 +505,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 h
 /// route_value on 16 half values at once (AVX-512), rounded by half_interval_avx512.
 template <bool Relu>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline __mmask16 half_route_avx512(
-    const __m512& v, const FloatRoute& k, __m256i& rounded) {
+    const __m512& v, const RouteVectors& k, __m256i& rounded) {
   __m512 bound;
   const __m512 y = route_value_avx512(v, k, bound);
   return half_interval_avx512<Relu>(y, bound, rounded);
@@ -485,16 +516,41 @@ __attribute__((target("avx512f,avx512vl"))) inline __m512 widen_16_halves_avx512
   return _mm512_maskz_cvtph_ps(all_16_lanes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
 }
 
+/// The input gradient route's coefficients of 16 consecutive values (FloatGradientRoute's).
+struct GradientRouteVectors {
+  __m512 mean, shift, dy_scale, xmu_scale, constant, slack;
+};
+/// The coefficients of values [i, i + 16): a feature's, the same for all (planes).
+__attribute__((target("avx512f"))) inline GradientRouteVectors route_vectors(const FloatGradientRoute& k, std::int64_t) {
+  return {_mm512_set1_ps(k.mean),      _mm512_set1_ps(k.shift),    _mm512_set1_ps(k.dy_scale),
+          _mm512_set1_ps(k.xmu_scale), _mm512_set1_ps(k.constant), _mm512_set1_ps(k.slack)};
+}
+/// The coefficients of values [i, i + 16): lanes i to i + 15's (rows).
+__attribute__((target("avx512f"))) inline GradientRouteVectors route_vectors(const FloatGradientRouteLanes& k,
+                                                                          std::int64_t i) {
+  const auto& c = k.coefficient;
+  return {_mm512_loadu_ps(c[0] + i), _mm512_loadu_ps(c[1] + i), _mm512_loadu_ps(c[2] + i),
+          _mm512_loadu_ps(c[3] + i), _mm512_loadu_ps(c[4] + i), _mm512_loadu_ps(c[5] + i)};
+}
+static_assert(FloatGradientRoute::coefficients()[0] == &FloatGradientRoute::mean &&
+                  FloatGradientRoute::coefficients()[1] == &FloatGradientRoute::shift &&
+                  FloatGradientRoute::coefficients()[2] == &FloatGradientRoute::dy_scale &&
+                  FloatGradientRoute::coefficients()[3] == &FloatGradientRoute::xmu_scale &&
+                  FloatGradientRoute::coefficients()[4] == &FloatGradientRoute::constant &&
+                  FloatGradientRoute::coefficients()[5] == &FloatGradientRoute::slack,
+              "route_vectors reads RouteLanes' arrays in this order");
+
 /**
  * @brief gradient_route_value on a block of float_route_block half values (AVX-512): @p out =
  *        round_half(dx_f) for the inputs x and dy (and relu's y: g = 0 where y <= 0), rounded
- *        by half_interval_avx512. @return the block's misses, bit j for value j.
+ *        by half_interval_avx512, value j with @p route's coefficients of value first + j
+ *        (route_vectors). @return the block's misses, bit j for value j.
  * Why: through the generic loop (GCC's vectorization of the scalar check and its reduction),
  * the input gradient was a third of half backward (perf, harness).
  */
-template <bool Relu>
+template <bool Relu, class Route>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64_t half_gradient_block_avx512(
-    const void* x, const void* dy, const void* y, std::uint16_t* out, const FloatGradientRoute& k) {
+    const void* x, const void* dy, const void* y, std::uint16_t* out, const Route& route, std::int64_t first) {
   const auto* xs = static_cast<const std::uint16_t*>(x);
   const auto* gs = static_cast<const std::uint16_t*>(dy);
   const auto* ys = static_cast<const std::uint16_t*>(y);
@@ -505,14 +561,14 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64
       g = _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(widen_16_halves_avx512(ys + q), _mm512_setzero_ps(), _CMP_LE_OQ),
                              _mm512_setzero_ps());
     // gradient_route_value, in its order
-    const __m512 p = _mm512_mul_ps(
-        _mm512_sub_ps(_mm512_sub_ps(widen_16_halves_avx512(xs + q), _mm512_set1_ps(k.mean)), _mm512_set1_ps(k.shift)),
-        _mm512_set1_ps(k.xmu_scale));
-    const __m512 qv = _mm512_mul_ps(g, _mm512_set1_ps(k.dy_scale));
+    const GradientRouteVectors k = route_vectors(route, first + q);
+    const __m512 p =
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(widen_16_halves_avx512(xs + q), k.mean), k.shift), k.xmu_scale);
+    const __m512 qv = _mm512_mul_ps(g, k.dy_scale);
     const __m512 bound = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(qv), _mm512_set1_ps(0x1.4p-22f)),
                                                      _mm512_mul_ps(_mm512_abs_ps(p), _mm512_set1_ps(0x1.ep-22f))),
-                                       _mm512_set1_ps(k.slack));
-    const __m512 dx = _mm512_add_ps(_mm512_add_ps(qv, p), _mm512_set1_ps(k.constant));
+                                       k.slack);
+    const __m512 dx = _mm512_add_ps(_mm512_add_ps(qv, p), k.constant);
     __m256i rounded;
     const __mmask16 clear = half_interval_avx512<false>(dx, bound, rounded);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q), rounded);
@@ -521,9 +577,27 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64
   return missed;
 }
 
+/// The double formula's coefficients of the values at @p positions (8): a feature's (planes).
+__attribute__((target("avx512f"))) inline void formula_vectors(const SameFloatRoute& route, const std::int64_t*,
+                                                             __m512d& mean, __m512d& scale, __m512d& bias) {
+  mean = _mm512_set1_pd(route.mean);
+  scale = _mm512_set1_pd(route.scale);
+  bias = _mm512_set1_pd(route.bias);
+}
+/// The double formula's coefficients of the values at @p positions (8): their lanes' (rows).
+__attribute__((target("avx512f"))) inline void formula_vectors(const LaneFloatRoute& route, const std::int64_t* positions,
+                                                             __m512d& mean, __m512d& scale, __m512d& bias) {
+  const __m512i at = _mm512_load_si512(positions);
+  const __m512d zero = _mm512_setzero_pd();  // the masked form (see all_16_lanes)
+  mean = _mm512_mask_i64gather_pd(zero, 0xff, at, route.mean, 8);
+  scale = _mm512_mask_i64gather_pd(zero, 0xff, at, route.scale, 8);
+  bias = _mm512_mask_i64gather_pd(zero, 0xff, at, route.bias, 8);
+}
+
 /**
  * @brief The double formula for @p count 16-bit values of Format, vectorized, eight at a time:
- *        y[at[i]] = act((x − mean)·scale + bias) for x the value of bits input[i], as
+ *        y[at[i]] = act((x − mean)·scale + bias) for x the value of bits input[i] and the
+ *        coefficients of position at[i] (formula_vectors: a feature's, or lane at[i]'s), as
  *        normalize_at computes it (in double, each operation rounded on its own: the _round_
  *        forms are never contracted into an FMA), rounded to Format as double_to_half and
  *        double_to_bfloat16 do (to odd at the format's bits + 2, exactly to float, to nearest
@@ -536,14 +610,13 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64
  * bfloat16's rarer misses cost a 64-value pass each. A 16-value group with a miss redone at once
  * in the block loop gained nothing: a group holds one miss.
  */
-template <class Format, bool Relu>
+template <class Format, bool Relu, class Route>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_values_avx512(
-    const std::uint16_t* input, const std::int64_t* at, std::int64_t count, const SameFloatRoute& route, void* y) {
+    const std::uint16_t* input, const std::int64_t* at, std::int64_t count, const Route& route, void* y) {
   constexpr bool is_half = std::is_same_v<Format, bits::half_format>;
   constexpr int current = _MM_FROUND_CUR_DIRECTION;
   constexpr __mmask8 all_8 = 0xff;
-  const __m512d mean = _mm512_set1_pd(route.mean), scale = _mm512_set1_pd(route.scale),
-                bias = _mm512_set1_pd(route.bias), zero = _mm512_setzero_pd();
+  const __m512d zero = _mm512_setzero_pd();
   // round_to_odd at the format's significant bits + 2 (13 for half, 10 for bfloat16)
   constexpr int kept = is_half ? 13 : 10;
   const __m512i dropped = _mm512_set1_epi64((std::int64_t{1} << (53 - kept)) - 1);
@@ -552,8 +625,14 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
   for (std::int64_t k = 0; k < count; k += 8) {
     const std::int64_t n = std::min<std::int64_t>(8, count - k);
     alignas(16) std::uint16_t lanes[8];
-    for (std::int64_t l = 0; l < 8; ++l) lanes[l] = input[k + std::min(l, n - 1)];  // padded: the last again
+    alignas(64) std::int64_t positions[8];
+    for (std::int64_t l = 0; l < 8; ++l) {  // padded: the last again
+      lanes[l] = input[k + std::min(l, n - 1)];
+      positions[l] = at[k + std::min(l, n - 1)];
+    }
     const __m128i in8 = _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+    __m512d mean, scale, bias;
+    formula_vectors(route, positions, mean, scale, bias);
     const __m256 widened = is_half ? _mm256_maskz_cvtph_ps(all_8, in8)
                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(in8), 16));
     __m512d d = _mm512_maskz_sub_round_pd(all_8, _mm512_maskz_cvtps_pd(all_8, widened), mean, current);
@@ -582,12 +661,15 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
 }
 
 /**
- * @brief @p count float_route_blocks of Format's values through the float route with one
- *        feature's coefficients @p k (planes), AVX-512, as the generic loops compute them (their
- *        operations in their order): bfloat16 as float_route_value, out[j] = act(round(y_f));
- *        half as half_route_blocks with the AVX-512 conversions, out[j] = round(act(y_f)).
+ * @brief @p count float_route_blocks of Format's values through the float route, AVX-512, as the
+ *        generic loops compute them (their operations in their order): bfloat16 as
+ *        float_route_value, out[j] = act(round(y_f)); half as half_route_blocks with the AVX-512
+ *        conversions, out[j] = round(act(y_f)).
+ * @param route value i's coefficients (route_vectors): one feature's for all (SameFloatRoute,
+ *        planes) or lane i's (LaneFloatRoute, rows; i counted from the row's start)
+ * @param first the index of the first value, in @p route's counting
  * @param misses per block b, bit j set where its value j missed: that out is then to be replaced
- *        by the double formula's (normalize_planes_avx512 pools them for exact_values_avx512).
+ *        by the double formula's (normalize_blocks_avx512 pools them for exact_values_avx512).
  *
  * A separate function (its target attribute), so a consumer's FMA contraction (GCC's default in
  * its GNU modes, which CMake's C++17 selects) may fuse a product and a sum in it, which the
@@ -601,8 +683,9 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
  * without the check: harness, 1 thread, in cache). Here both comparisons and the block's result
  * stay in mask registers: bfloat16 inference 1.00–1.17 → 0.85–0.90 ms (the same harness, the
  * same outputs; bench_cpu, 1 thread: 0.81–0.82 → 0.93–0.96 of PyTorch's time). Training
- * forward, whose time is mostly the statistics, moved within the noise. Rows (per-lane
- * coefficients) keep the generic loops.
+ * forward, whose time is mostly the statistics, moved within the noise. Rows take the same
+ * blocks with per-lane coefficients loaded beside the values (half NHWC (8, 256, 56, 56)
+ * inference, 1 thread, harness: 3.41 → 2.17 ms, the same outputs; bfloat16 within the noise).
  *
  * A block's misses come back as one 64-bit mask, and the caller visits only its set bits. Half
  * misses far more often than bfloat16 (a value in ~300 on bench_cpu's data, a block in five), so
@@ -612,9 +695,9 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
  * the misses visited after the group): half inference 1.39–1.46 → 1.26–1.33 ms (the same
  * harness, three rounds alternated); bfloat16's time did not move.
  */
-template <class Format, bool Relu>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void planes_blocks_avx512(
-    const void* in, void* out, std::int64_t count, const FloatRoute& k, std::uint64_t* misses) {
+template <class Format, bool Relu, class Route>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void route_blocks_avx512(
+    const void* in, void* out, std::int64_t count, const Route& route, std::int64_t first, std::uint64_t* misses) {
   constexpr bool is_half = std::is_same_v<Format, bits::half_format>;
   static_assert(is_half || std::is_same_v<Format, bits::bfloat16_format>, "a 16-bit format");
   const auto* x = static_cast<const std::uint16_t*>(in);
@@ -623,6 +706,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void planes
   for (std::int64_t b = 0; b < count; ++b, x += float_route_block, o += float_route_block) {
     std::uint64_t missed = 0;
     for (int q = 0; q < float_route_block; q += 16) {
+      const RouteVectors k = route_vectors(route, first + b * float_route_block + q);
       const __m256i in16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + q));
       __m512 v;
       if constexpr (is_half)
@@ -651,16 +735,15 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void planes
 BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /**
- * @brief A feature's planes through the float route with the hand-written AVX-512 blocks
- *        (planes_blocks_avx512), whole blocks of [0, length): y[i] = act((x[i] − mean)·scale +
- *        bias), the values the route misses pooled and redone by the double formula, eight at a
- *        time (exact_values_avx512), or by @p exact(i, i + 1) (normalize_at) in a build for its
- *        own flags. x may be y.
+ * @brief A feature's planes (@p route a SameFloatRoute) or a row (a LaneFloatRoute) through the
+ *        float route with the hand-written AVX-512 blocks (route_blocks_avx512), whole blocks of
+ *        [0, length): y[i] = act((x[i] − mean_i)·scale_i + bias_i), the values the route misses
+ *        pooled and redone by the double formula, eight at a time (exact_values_avx512), or by
+ *        @p exact(i, i + 1) (normalize_at) in a build for its own flags. x may be y.
  * @return the number of values done, a multiple of float_route_block.
  */
-template <bool Relu, class T, class Exact>
-std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, const SameFloatRoute& route,
-                                     Exact&& exact) {
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact) {
   using Format = typename convert<T>::format;
   constexpr std::int64_t B = float_route_block;
   // Blocks are written straight to y, a group at a time, or, in place, one at a time through a
@@ -693,7 +776,7 @@ std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, cons
     std::uint16_t buffer[B];
     std::uint64_t misses[blocks_per_call];
     void* to = in_place ? static_cast<void*>(buffer) : static_cast<void*>(y + i);
-    planes_blocks_avx512<Format, Relu>(x + i, to, count, route.k, misses);
+    route_blocks_avx512<Format, Relu>(x + i, to, count, route, i, misses);
     for (std::int64_t b = 0; b < count; ++b, i += B) {
       std::uint64_t missed = misses[b];
       if constexpr (std::is_same_v<Format, bits::half_format>) {
@@ -722,21 +805,23 @@ std::int64_t normalize_planes_avx512(const T* x, T* y, std::int64_t length, cons
 }
 
 /**
- * @brief A feature's half input gradient through the float route with the hand-written AVX-512
- *        blocks (half_gradient_block_avx512), whole blocks of [0, length): dx as
+ * @brief A feature's half input gradient (@p route a FloatGradientRoute) or a row's (a
+ *        FloatGradientRouteLanes, value i lane i's) through the float route with the hand-written
+ *        AVX-512 blocks (half_gradient_block_avx512), whole blocks of [0, length): dx as
  *        input_gradient_value (training), the values the route misses by @p exact(i, i + 1)
  *        (redo_missed). A block's outputs are written after all of its inputs are read (dx may
  *        be x or dy). @p y: relu's output, or null.
  * @return the number of values done, a multiple of float_route_block.
  */
-template <bool Relu, class T, class Exact>
-std::int64_t gradient_planes_avx512(const T* x, const T* dy, const T* y, T* dx, std::int64_t length,
-                                    const FloatGradientRoute& route, Exact&& exact) {
+template <bool Relu, class T, class Route, class Exact>
+std::int64_t gradient_blocks_avx512(const T* x, const T* dy, const T* y, T* dx, std::int64_t length, const Route& route,
+                                    Exact&& exact) {
   constexpr std::int64_t B = float_route_block;
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
     std::uint16_t block[B];
-    const std::uint64_t missed = half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, block, route);
+    const std::uint64_t missed =
+        half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, block, route, i);
     if (missed != 0) redo_missed(missed, i, dx, block, exact);
     std::memcpy(static_cast<void*>(dx + i), block, sizeof block);
   }
@@ -813,10 +898,10 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
                                    HalfConversion conversion) {
   using Format = typename convert<T>::format;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
-  // A feature's planes by hand under AVX-512 (whose half conversion is chosen with it; bfloat16's
-  // conversions are shifts, so the same choice stands for AVX-512 in use)
-  if constexpr (std::is_same_v<Route, SameFloatRoute>)
-    if (conversion == HalfConversion::avx512) return normalize_planes_avx512<Relu>(x, y, length, route, exact);
+  // A feature's planes or a row by hand under AVX-512 (whose half conversion is chosen with it;
+  // bfloat16's conversions are shifts, so the same choice stands for AVX-512 in use)
+  if constexpr (std::is_same_v<Route, SameFloatRoute> || std::is_same_v<Route, LaneFloatRoute>)
+    if (conversion == HalfConversion::avx512) return normalize_blocks_avx512<Relu>(x, y, length, route, exact);
   if (takes_half_instructions<T>(conversion)) {
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block];

@@ -731,6 +731,42 @@ void for_eight_lanes(std::int64_t rows, std::int64_t width, Lanes&& lanes, Row&&
 }
 #endif
 
+/// @p n 16-bit values at @p in as floats at @p out (exact): half by the conversion instructions
+/// where the processor has them (@p conversion), else by convert<T> (bfloat16: a shift).
+template <class T>
+void widen_values(const T* __restrict in, std::int64_t n, float* __restrict out, HalfConversion conversion) {
+  std::int64_t j = 0;
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  if (takes_half_instructions<T>(conversion))
+    j = with_half_instructions(conversion, [&](auto widen, auto) {
+      std::int64_t k = 0;
+      for (; k + float_route_block <= n; k += float_route_block) widen(in + k, out + k);
+      return k;
+    });
+#else
+  (void)conversion;
+#endif
+  for (; j < n; ++j) out[j] = static_cast<float>(convert<T>::to_double(in[j]));
+}
+
+/// Rows of 16-bit values, rows_at_once at a time, widened to floats (exact) for @p f(rows,
+/// stride, count): f sees the same values as on the 16-bit rows, in groups that start where the
+/// rows loops' groups start, so its sums keep their order.
+/// Why: the rows loops converted each value alone (half: about 20 integer operations); the
+/// widening converts 16 at once with the instructions. @p width ≤ max_block_width.
+template <class T, class F>
+void for_widened_rows(std::int64_t rows, std::int64_t width, std::int64_t stride, const T* const* in,
+                      std::size_t inputs, float* const* buffers, F&& f) {
+  const HalfConversion conversion = half_conversion_in_use();
+  for (std::int64_t r = 0; r < rows; r += rows_at_once) {
+    const std::int64_t count = std::min(rows_at_once, rows - r);
+    for (std::size_t k = 0; k < inputs; ++k)
+      for (std::int64_t q = 0; q < count; ++q)
+        widen_values(in[k] + (r + q) * stride, width, buffers[k] + q * width, conversion);
+    f(r, count);
+  }
+}
+
 /// sum[j] += Σ_r (x[r][j] − center[j]) and square_sum[j] += Σ_r (x[r][j] − center[j])², both in
 /// one read (row_block_moments: its single pass, and its two passes where that cancels).
 /// @p one_row: a row at a time, eight lanes at a time (tensors that stream from memory: one
@@ -741,6 +777,23 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
                   const double* __restrict center, double* __restrict sum, double* __restrict square_sum,
                   bool one_row) {
   using conv = convert<T>;
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  // Half with the conversion instructions: widened, in the four-row order (one_row is for
+  // float's loads). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
+  // benchmarks/README. bfloat16's conversion is a shift, which the loop below vectorizes; widened
+  // first it took 2-3 % longer.
+  if constexpr (has_float_route<T>) {
+    if (takes_half_instructions<T>(half_conversion_in_use())) {
+      alignas(64) float wide[rows_at_once * max_block_width];
+      float* const buffers[] = {wide};
+      const T* const inputs[] = {x};
+      for_widened_rows(rows, width, stride, inputs, 1, buffers, [&](std::int64_t, std::int64_t count) {
+        add_row_sums(static_cast<const float*>(wide), count, width, width, center, sum, square_sum, false);
+      });
+      return;
+    }
+  }
+#endif
   std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {
@@ -802,6 +855,21 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
                            bool one_row) {
   using conv = convert<T>;
   static_assert(rows_at_once == 4, "the loop below is written out for four rows");
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  // Half with the conversion instructions: widened, in the four-row order (as add_row_sums)
+  if constexpr (has_float_route<T>) {
+    if (takes_half_instructions<T>(half_conversion_in_use())) {
+      alignas(64) float wide[3][rows_at_once * max_block_width];
+      float* const buffers[] = {wide[0], wide[1], wide[2]};
+      const T* const inputs[] = {x, dy, y};
+      for_widened_rows(rows, width, stride, inputs, Relu ? 3 : 2, buffers, [&](std::int64_t, std::int64_t count) {
+        add_row_gradient_sums<Relu>(static_cast<const float*>(wide[0]), wide[1], wide[2], count, width, width, mean,
+                                    s_dy, s_dy_xmu, s_xmu, false);
+      });
+      return;
+    }
+  }
+#endif
   std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
@@ -910,6 +978,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
   (void)streaming;  // without GCC vectors there is one loop
   if constexpr (!Residual && has_float_route<T>) {
     if (routes.usable) {
+      const LaneFloatRoute route{routes, mean, scale, bias};
       for (std::int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * stride;
         T* yr = y + r * stride;
@@ -917,7 +986,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
           for (std::int64_t j = begin; j < end; ++j)
             normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
         };
-        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact, half_conversion_in_use()), width);
+        exact(normalize_float_route<Relu>(xr, yr, width, route, exact, half_conversion_in_use()), width);
       }
       return;
     }
@@ -1461,7 +1530,7 @@ void input_gradient_part(const T* x, const T* dy, const T* y, T* dx, T* dresidua
 #if defined(BATCHNORM_CPU_X86_TARGETS)
       // Half under AVX-512: the hand-written blocks (float_route.hpp)
       if (std::is_same_v<typename convert<T>::format, bits::half_format> && conversion == HalfConversion::avx512)
-        done = gradient_planes_avx512<Relu>(x, dy, y, dx, length, route, exact);
+        done = gradient_blocks_avx512<Relu>(x, dy, y, dx, length, route, exact);
       else
 #endif
         done = input_gradient_float_route<Relu>(x, dy, y, dx, length, [&](std::int64_t) { return route; }, exact,
@@ -1549,8 +1618,15 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
             input_gradient_at<Relu, true, false, true>(x + o, dy + o, yr, dx + o, dresidual, j, mean[j], shift[j],
                                                        dy_scale[j], xmu_scale[j], constant[j]);
         };
-        exact(input_gradient_float_route<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact, half_conversion_in_use()),
-              width);
+        const HalfConversion conversion = half_conversion_in_use();
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+        // Half under AVX-512: the hand-written blocks with per-lane coefficients (float_route.hpp)
+        if (std::is_same_v<typename convert<T>::format, bits::half_format> && conversion == HalfConversion::avx512) {
+          exact(gradient_blocks_avx512<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact), width);
+          continue;
+        }
+#endif
+        exact(input_gradient_float_route<Relu>(x + o, dy + o, yr, dx + o, width, routes, exact, conversion), width);
       }
       return;
     }
