@@ -146,7 +146,6 @@ struct LaneFloatRoute {
   const double* mean;
   const double* scale;
   const double* bias;
-  BN_CONVERT_INLINE FloatRoute operator()(std::int64_t j) const { return k(j); }
 };
 
 /**
@@ -577,14 +576,14 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64
   return missed;
 }
 
-/// The double formula's coefficients of the values at @p positions (8): a feature's (planes).
+/// The double formula's coefficients of the values of @p lanes (8): a feature's (planes).
 __attribute__((target("avx512f"))) inline void formula_vectors(const SameFloatRoute& route, const std::int64_t*,
                                                              __m512d& mean, __m512d& scale, __m512d& bias) {
   mean = _mm512_set1_pd(route.mean);
   scale = _mm512_set1_pd(route.scale);
   bias = _mm512_set1_pd(route.bias);
 }
-/// The double formula's coefficients of the values at @p positions (8): their lanes' (rows).
+/// The double formula's coefficients of the values of @p lanes (8): those lanes' (rows).
 __attribute__((target("avx512f"))) inline void formula_vectors(const LaneFloatRoute& route, const std::int64_t* positions,
                                                              __m512d& mean, __m512d& scale, __m512d& bias) {
   const __m512i at = _mm512_load_si512(positions);
@@ -597,7 +596,7 @@ __attribute__((target("avx512f"))) inline void formula_vectors(const LaneFloatRo
 /**
  * @brief The double formula for @p count 16-bit values of Format, vectorized, eight at a time:
  *        y[at[i]] = act((x − mean)·scale + bias) for x the value of bits input[i] and the
- *        coefficients of position at[i] (formula_vectors: a feature's, or lane at[i]'s), as
+ *        coefficients of lane[i] (formula_vectors: a feature's for all, or that lane's), as
  *        normalize_at computes it (in double, each operation rounded on its own: the _round_
  *        forms are never contracted into an FMA), rounded to Format as double_to_half and
  *        double_to_bfloat16 do (to odd at the format's bits + 2, exactly to float, to nearest
@@ -612,7 +611,8 @@ __attribute__((target("avx512f"))) inline void formula_vectors(const LaneFloatRo
  */
 template <class Format, bool Relu, class Route>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_values_avx512(
-    const std::uint16_t* input, const std::int64_t* at, std::int64_t count, const Route& route, void* y) {
+    const std::uint16_t* input, const std::int64_t* at, const std::int64_t* lane, std::int64_t count,
+    const Route& route, void* y) {
   constexpr bool is_half = std::is_same_v<Format, bits::half_format>;
   constexpr int current = _MM_FROUND_CUR_DIRECTION;
   constexpr __mmask8 all_8 = 0xff;
@@ -628,7 +628,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
     alignas(64) std::int64_t positions[8];
     for (std::int64_t l = 0; l < 8; ++l) {  // padded: the last again
       lanes[l] = input[k + std::min(l, n - 1)];
-      positions[l] = at[k + std::min(l, n - 1)];
+      positions[l] = lane[k + std::min(l, n - 1)];
     }
     const __m128i in8 = _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
     __m512d mean, scale, bias;
@@ -735,74 +735,99 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void route_
 BATCHNORM_CPU_INLINE_ALL_BEGIN
 
 /**
- * @brief A feature's planes (@p route a SameFloatRoute) or a row (a LaneFloatRoute) through the
- *        float route with the hand-written AVX-512 blocks (route_blocks_avx512), whole blocks of
- *        [0, length): y[i] = act((x[i] − mean_i)·scale_i + bias_i), the values the route misses
- *        pooled and redone by the double formula, eight at a time (exact_values_avx512), or by
- *        @p exact(i, i + 1) (normalize_at) in a build for its own flags. x may be y.
- * @return the number of values done, a multiple of float_route_block.
+ * @brief A feature's planes (@p route a SameFloatRoute, one row) or @p rows rows of a rows pass
+ *        (a LaneFloatRoute, value j of a row lane j's) through the float route with the
+ *        hand-written AVX-512 blocks (route_blocks_avx512), the whole blocks of each row's
+ *        [0, length): y = act((x − mean)·scale + bias), the values the route misses pooled
+ *        (over rows too) and redone by the double formula, eight at a time
+ *        (exact_values_avx512), or by @p exact(offset, lane) (normalize_at for the value at
+ *        x + offset with lane's coefficients) in a build for its own flags. Row r starts at
+ *        x + r·stride and y + r·stride; x may be y.
+ * @return the number of values done in each row, a multiple of float_route_block.
+ *
+ * Why pooled over rows: a channels-last row of 256 half values has a miss about four times in
+ * five, and a pass of exact_values_avx512 per row took a quarter of half NHWC (8, 256, 56, 56)
+ * inference (harness, 1 thread: 2.42 ms, 1.83 with the misses left wrong).
  */
+// GCC 12 reports the pool's entries, written as misses arrive and read only below `pooled`, as
+// maybe uninitialized where they are passed on; zeroing them cost 2 % of bfloat16 planes'
+// normalization (harness).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <bool Relu, class T, class Route, class Exact>
-std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t length, const Route& route, Exact&& exact) {
+std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::int64_t length, std::int64_t stride,
+                                     const Route& route, Exact&& exact) {
   using Format = typename convert<T>::format;
   constexpr std::int64_t B = float_route_block;
   // Blocks are written straight to y, a group at a time, or, in place, one at a time through a
   // buffer: the missed values' inputs are taken before it is copied.
   const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(y);
   const std::int64_t group = in_place ? 1 : blocks_per_call;
-  // The missed values' positions and inputs, redone when a block's misses might not fit.
+  // The missed values' offsets, lanes and inputs, redone when a block's misses might not fit.
   constexpr std::int64_t pool_size = 2 * B;
   std::int64_t at[pool_size];
+  std::int64_t lane[pool_size];
   std::uint16_t input[pool_size];
   std::int64_t pooled = 0;
   auto redo_pooled = [&] {
 #if defined(BATCHNORM_CPU_DISPATCH)
     (void)exact;
-    exact_values_avx512<Format, Relu>(input, at, pooled, route, y);
+    exact_values_avx512<Format, Relu>(input, at, lane, pooled, route, y);
 #else
     // A build for its own flags may contract normalize_at's (x − mean)·scale + bias into an
     // FMA, which exact_values_avx512 never does (as the dispatched versions): the scalar formula
     // keeps every loop of such a build on the same bits. In place, the input is put back first.
     for (std::int64_t k = 0; k < pooled; ++k) {
       if (in_place) std::memcpy(static_cast<void*>(y + at[k]), input + k, sizeof(T));
-      exact(at[k], at[k] + 1);
+      exact(at[k], lane[k]);
     }
 #endif
     pooled = 0;
   };
-  std::int64_t i = 0;
-  while (i + B <= length) {
-    const std::int64_t count = std::min(group, (length - i) / B);
-    std::uint16_t buffer[B];
-    std::uint64_t misses[blocks_per_call];
-    void* to = in_place ? static_cast<void*>(buffer) : static_cast<void*>(y + i);
-    route_blocks_avx512<Format, Relu>(x + i, to, count, route, i, misses);
-    for (std::int64_t b = 0; b < count; ++b, i += B) {
-      std::uint64_t missed = misses[b];
-      if constexpr (std::is_same_v<Format, bits::half_format>) {
-        // Half: a block's first miss is pooled without a branch. One block in five or six has a
-        // miss, at random, and the branch on it mispredicts (harness, (8, 256, 56, 56) inference,
-        // 1 thread: 1.05-1.09 -> 0.97-0.99 ms). The entry is written anyway (position 63 when
-        // there is no miss) and counted for a miss only. bfloat16 misses a block in 30: its
-        // branch predicts, and the unconditional entry cost more (0.86-0.89 -> 0.98-1.0 ms).
-        const std::int64_t first = i + lowest_set_bit(missed | (std::uint64_t{1} << (B - 1)));
-        at[pooled] = first;
-        input[pooled] = bits_of(x + first);
-        pooled += missed != 0;
-        missed &= missed - 1;
+  auto pool = [&](std::int64_t row_offset, std::int64_t j) {
+    at[pooled] = row_offset + j;
+    lane[pooled] = j;
+    input[pooled] = bits_of(x + row_offset + j);
+  };
+  const std::int64_t whole = length / B * B;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t o = r * stride;
+    for (std::int64_t i = 0; i < whole;) {
+      const std::int64_t count = std::min(group, (whole - i) / B);
+      std::uint16_t buffer[B];
+      std::uint64_t misses[blocks_per_call];
+      void* to = in_place ? static_cast<void*>(buffer) : static_cast<void*>(y + o + i);
+      route_blocks_avx512<Format, Relu>(x + o + i, to, count, route, i, misses);
+      for (std::int64_t b = 0; b < count; ++b, i += B) {
+        std::uint64_t missed = misses[b];
+        if constexpr (std::is_same_v<Format, bits::half_format>) {
+          // Half: a block's first miss is pooled without a branch. One block in five or six has
+          // a miss, at random, and the branch on it mispredicts (harness, (8, 256, 56, 56)
+          // inference, 1 thread: 1.05-1.09 -> 0.97-0.99 ms). The entry is written anyway
+          // (position 63 when there is no miss) and counted for a miss only. bfloat16 misses a
+          // block in 30: its branch predicts, and the unconditional entry cost more (0.86-0.89
+          // -> 0.98-1.0 ms).
+          pool(o, i + lowest_set_bit(missed | (std::uint64_t{1} << (B - 1))));
+          pooled += missed != 0;
+          missed &= missed - 1;
+        }
+        for (; missed != 0; missed &= missed - 1) {
+          pool(o, i + lowest_set_bit(missed));
+          ++pooled;
+        }
+        if (in_place) std::memcpy(static_cast<void*>(y + o + i), buffer, sizeof buffer);
+        if (pooled > pool_size - B) redo_pooled();
       }
-      for (; missed != 0; missed &= missed - 1) {
-        const std::int64_t j = i + lowest_set_bit(missed);
-        at[pooled] = j;
-        input[pooled++] = bits_of(x + j);
-      }
-      if (in_place) std::memcpy(static_cast<void*>(y + i), buffer, sizeof buffer);
-      if (pooled > pool_size - B) redo_pooled();
     }
   }
   redo_pooled();
-  return i;
+  return whole;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 /**
  * @brief A feature's half input gradient (@p route a FloatGradientRoute) or a row's (a
@@ -898,10 +923,12 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
                                    HalfConversion conversion) {
   using Format = typename convert<T>::format;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
-  // A feature's planes or a row by hand under AVX-512 (whose half conversion is chosen with it;
-  // bfloat16's conversions are shifts, so the same choice stands for AVX-512 in use)
-  if constexpr (std::is_same_v<Route, SameFloatRoute> || std::is_same_v<Route, LaneFloatRoute>)
-    if (conversion == HalfConversion::avx512) return normalize_blocks_avx512<Relu>(x, y, length, route, exact);
+  // A feature's planes by hand under AVX-512 (whose half conversion is chosen with it; bfloat16's
+  // conversions are shifts, so the same choice stands for AVX-512 in use; rows: normalize_rows)
+  if constexpr (std::is_same_v<Route, SameFloatRoute>)
+    if (conversion == HalfConversion::avx512)
+      return normalize_blocks_avx512<Relu>(x, y, 1, length, length, route,
+                                           [&](std::int64_t i, std::int64_t) { exact(i, i + 1); });
   if (takes_half_instructions<T>(conversion)) {
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block];

@@ -978,7 +978,20 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
   (void)streaming;  // without GCC vectors there is one loop
   if constexpr (!Residual && has_float_route<T>) {
     if (routes.usable) {
-      const LaneFloatRoute route{routes, mean, scale, bias};
+      const HalfConversion conversion = half_conversion_in_use();
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+      // Under AVX-512, all rows at once by the hand-written blocks (misses pooled over rows), the
+      // rows' tails after them
+      if (conversion == HalfConversion::avx512) {
+        const std::int64_t done = normalize_blocks_avx512<Relu>(
+            x, y, rows, width, stride, LaneFloatRoute{routes, mean, scale, bias},
+            [&](std::int64_t i, std::int64_t j) { normalize_at<false, Relu>(x, residual, y, i, mean[j], scale[j], bias[j]); });
+        for (std::int64_t r = 0; r < rows; ++r)
+          for (std::int64_t j = done; j < width; ++j)
+            normalize_at<false, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
+        return;
+      }
+#endif
       for (std::int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * stride;
         T* yr = y + r * stride;
@@ -986,7 +999,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
           for (std::int64_t j = begin; j < end; ++j)
             normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
         };
-        exact(normalize_float_route<Relu>(xr, yr, width, route, exact, half_conversion_in_use()), width);
+        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact, conversion), width);
       }
       return;
     }
