@@ -749,9 +749,10 @@ void widen_values(const T* __restrict in, std::int64_t n, float* __restrict out,
   for (; j < n; ++j) out[j] = static_cast<float>(convert<T>::to_double(in[j]));
 }
 
-/// Rows of 16-bit values, rows_at_once at a time, widened to floats (exact) for @p f(rows,
-/// stride, count): f sees the same values as on the 16-bit rows, in groups that start where the
-/// rows loops' groups start, so its sums keep their order.
+/// The rows of @p inputs 16-bit tensors (@p in, @p width values a row, @p stride apart),
+/// rows_at_once at a time, widened to floats (exact) into @p buffers (rows of @p width), then
+/// @p f(first, count) for rows [first, first + count): f sees the same values as the 16-bit rows,
+/// in groups that start where the rows loops' groups start, so its sums keep their order.
 /// Why: the rows loops converted each value alone (half: about 20 integer operations); the
 /// widening converts 16 at once with the instructions. @p width ≤ max_block_width.
 template <class T, class F>
