@@ -584,9 +584,9 @@ __attribute__((target("avx512f"))) inline void formula_vectors(const SameFloatRo
   bias = _mm512_set1_pd(route.bias);
 }
 /// The double formula's coefficients of the values of @p lanes (8): those lanes' (rows).
-__attribute__((target("avx512f"))) inline void formula_vectors(const LaneFloatRoute& route, const std::int64_t* positions,
+__attribute__((target("avx512f"))) inline void formula_vectors(const LaneFloatRoute& route, const std::int64_t* lanes,
                                                              __m512d& mean, __m512d& scale, __m512d& bias) {
-  const __m512i at = _mm512_load_si512(positions);
+  const __m512i at = _mm512_load_si512(lanes);
   const __m512d zero = _mm512_setzero_pd();  // the masked form (see all_16_lanes)
   mean = _mm512_mask_i64gather_pd(zero, 0xff, at, route.mean, 8);
   scale = _mm512_mask_i64gather_pd(zero, 0xff, at, route.scale, 8);
@@ -624,15 +624,15 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
   auto* out = static_cast<std::uint16_t*>(y);
   for (std::int64_t k = 0; k < count; k += 8) {
     const std::int64_t n = std::min<std::int64_t>(8, count - k);
-    alignas(16) std::uint16_t lanes[8];
-    alignas(64) std::int64_t positions[8];
+    alignas(16) std::uint16_t values[8];
+    alignas(64) std::int64_t lanes[8];
     for (std::int64_t l = 0; l < 8; ++l) {  // padded: the last again
-      lanes[l] = input[k + std::min(l, n - 1)];
-      positions[l] = lane[k + std::min(l, n - 1)];
+      values[l] = input[k + std::min(l, n - 1)];
+      lanes[l] = lane[k + std::min(l, n - 1)];
     }
-    const __m128i in8 = _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+    const __m128i in8 = _mm_load_si128(reinterpret_cast<const __m128i*>(values));
     __m512d mean, scale, bias;
-    formula_vectors(route, positions, mean, scale, bias);
+    formula_vectors(route, lanes, mean, scale, bias);
     const __m256 widened = is_half ? _mm256_maskz_cvtph_ps(all_8, in8)
                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(in8), 16));
     __m512d d = _mm512_maskz_sub_round_pd(all_8, _mm512_maskz_cvtps_pd(all_8, widened), mean, current);
@@ -685,7 +685,8 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline void exact_
  * same outputs; bench_cpu, 1 thread: 0.81–0.82 → 0.93–0.96 of PyTorch's time). Training
  * forward, whose time is mostly the statistics, moved within the noise. Rows take the same
  * blocks with per-lane coefficients loaded beside the values (half NHWC (8, 256, 56, 56)
- * inference, 1 thread, harness: 3.41 → 2.17 ms, the same outputs; bfloat16 within the noise).
+ * inference, 1 thread, harness: 3.41 → 2.17 ms, the same outputs; bfloat16 within the noise;
+ * 1.73 ms once normalize_blocks_avx512 pooled the misses over rows).
  *
  * A block's misses come back as one 64-bit mask, and the caller visits only its set bits. Half
  * misses far more often than bfloat16 (a value in ~300 on bench_cpu's data, a block in five), so
