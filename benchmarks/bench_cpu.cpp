@@ -6,7 +6,8 @@
 //  - std::memcpy: of x into a same-size buffer (x_memcpy), and of 256 MiB buffers just before
 //    and after each case's timed loop (the physical floor, x_floor).
 // Storage: fp32, bf16, and fp16 (__half); neither peer takes half on the CPU, so its peers run
-// bf16 on the same values (issue 9 sets our half against PyTorch's bf16).
+// bf16 on the same values (issue 9 sets our half against PyTorch's bf16), read from their own
+// copy of x and dy; in fp32 and bf16 every implementation reads the same x and dy.
 // Each peer is first CHECKED to compute what we compute on that shape and op (y, and libtorch's
 // running statistics after a training forward; dx, dweight, dbias for backward) within a
 // stated tolerance; a peer that is missing, refuses the case (throws) or differs is reported in
@@ -169,17 +170,36 @@ struct Impl {
   std::vector<double> times;
 };
 
-// The inputs and the outputs of every implementation for one case; the peers' inputs hold x
-// and dy in the peers' storage type P (the same values when P is T).
+// The inputs and the outputs of every implementation for one case.
+// Every implementation reads the same input buffers x and dy when the peers' storage type P is
+// ours (fp32, bf16): all of them then find the inputs equally warm or cold in the caches,
+// whichever ran before (round fifteen measured a private copy for the peers, shared by PyTorch
+// and oneDNN, costing ours up to 2x on a working set that fits in the last-level cache). Only
+// for half (P = bfloat16) do the peers read their own copies, x_peer and dy_peer, of the same
+// values.
 template <class T, class P = typename peer_storage<T>::type>
 struct Buffers {
+  static constexpr bool kSharedInputs = std::is_same_v<P, T>;
   std::vector<T> x, dy, y_ours, dx_ours, copy;
-  std::vector<P> x_peer, dy_peer, y_peer, dx_peer;
+  std::vector<P> x_peer, dy_peer, y_peer, dx_peer;  // x_peer, dy_peer: empty when kSharedInputs
   std::vector<float> weight, bias, running_mean, running_var;
   std::vector<float> dweight_peer, dbias_peer;
+  // The peers' inputs.
+  P* peer_x() {
+    if constexpr (kSharedInputs)
+      return x.data();
+    else
+      return x_peer.data();
+  }
+  P* peer_dy() {
+    if constexpr (kSharedInputs)
+      return dy.data();
+    else
+      return dy_peer.data();
+  }
   Buffers(std::int64_t n, std::int64_t c)
-      : x(n), dy(n), y_ours(n), dx_ours(n), copy(n), x_peer(n), dy_peer(n), y_peer(n), dx_peer(n), weight(c), bias(c),
-        running_mean(c), running_var(c), dweight_peer(c), dbias_peer(c) {
+      : x(n), dy(n), y_ours(n), dx_ours(n), copy(n), x_peer(kSharedInputs ? 0 : n), dy_peer(kSharedInputs ? 0 : n),
+        y_peer(n), dx_peer(n), weight(c), bias(c), running_mean(c), running_var(c), dweight_peer(c), dbias_peer(c) {
     std::mt19937 gen(12345);
     std::normal_distribution<float> normal(0.f, 1.f);
     std::uniform_real_distribution<float> u(0.f, 1.f);
@@ -187,8 +207,10 @@ struct Buffers {
     // for the values' distribution.
     for (std::int64_t i = 0; i < n; ++i) x[i] = from_float<T>(0.5f + 2.f * normal(gen));
     for (std::int64_t i = 0; i < n; ++i) dy[i] = from_float<T>(normal(gen));
-    for (std::int64_t i = 0; i < n; ++i) x_peer[i] = from_float<P>(static_cast<float>(as_double_any(x[i])));
-    for (std::int64_t i = 0; i < n; ++i) dy_peer[i] = from_float<P>(static_cast<float>(as_double_any(dy[i])));
+    if constexpr (!kSharedInputs) {
+      for (std::int64_t i = 0; i < n; ++i) x_peer[i] = from_float<P>(static_cast<float>(as_double_any(x[i])));
+      for (std::int64_t i = 0; i < n; ++i) dy_peer[i] = from_float<P>(static_cast<float>(as_double_any(dy[i])));
+    }
     for (std::int64_t j = 0; j < c; ++j) {
       weight[j] = 0.5f + u(gen);
       bias[j] = u(gen) - 0.5f;
@@ -337,7 +359,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   Impl torch{"torch", {}, false, -1, "missing", {}};
 #if BN_BENCH_HAVE_TORCH
   const auto dt = torch_dtype<P>();
-  at::Tensor tx = torch_wrap(b.x_peer.data(), cs, dt), tdy = torch_wrap(b.dy_peer.data(), cs, dt);
+  at::Tensor tx = torch_wrap(b.peer_x(), cs, dt), tdy = torch_wrap(b.peer_dy(), cs, dt);
   // Parameters as float (PyTorch's mixed bf16 mode); if the peer refuses that, bf16 params.
   std::vector<float> t_rm = b.running_mean, t_rv = b.running_var;
   at::Tensor tw = torch_vec(b.weight), tb = torch_vec(b.bias), trm = torch_vec(t_rm), trv = torch_vec(t_rv);
@@ -390,7 +412,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
     const memory::desc md(memory::dims(cs.dims.begin(), cs.dims.end()), ddt, tag);
     const memory::desc pmd({C}, memory::data_type::f32, memory::format_tag::a);
     const auto flags = nf::use_scale | nf::use_shift;
-    memory src(md, eng, b.x_peer.data()), dst(md, eng, b.y_peer.data());
+    memory src(md, eng, b.peer_x()), dst(md, eng, b.y_peer.data());
     memory scale(pmd, eng, d_scale.data()), shift(pmd, eng, d_shift.data());
     memory mean(pmd, eng, d_mean.data()), var(pmd, eng, d_var.data());
     if (op == Op::infer) {
@@ -410,7 +432,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       d_prim = std::move(fprim);
       d_args = fargs;
     } else {
-      memory ddy(md, eng, b.dy_peer.data()), ddx(md, eng, b.dx_peer.data());
+      memory ddy(md, eng, b.peer_dy()), ddx(md, eng, b.dx_peer.data());
       memory dscale(pmd, eng, b.dweight_peer.data()), dshift(pmd, eng, b.dbias_peer.data());
       dnnl::batch_normalization_backward::primitive_desc bpd(
           dnnl::batch_normalization_backward::desc(dnnl::prop_kind::backward, md, md, static_cast<float>(kEps), flags),
