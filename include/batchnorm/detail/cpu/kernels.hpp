@@ -977,6 +977,11 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
                     const double* mean, const double* scale, const double* bias, bool streaming,
                     const FloatRouteLanes& routes) {
   (void)streaming;  // without GCC vectors there is one loop
+  // The exact (double) formula at element @p offset of lane @p lane: every path below ends with
+  // it, for the elements its vector loop leaves (tails, float-route misses).
+  auto exact_at = [&](std::int64_t offset, std::int64_t lane) {
+    normalize_at<Residual, Relu>(x, residual, y, offset, mean[lane], scale[lane], bias[lane]);
+  };
   if constexpr (!Residual && has_float_route<T>) {
     if (routes.usable) {
       const HalfConversion conversion = half_conversion_in_use();
@@ -984,23 +989,19 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
       // Under AVX-512, all rows at once by the hand-written blocks (misses pooled over rows), the
       // rows' tails after them
       if (conversion == HalfConversion::avx512) {
-        const std::int64_t done = normalize_blocks_avx512<Relu>(
-            x, y, rows, width, stride, LaneFloatRoute{routes, mean, scale, bias},
-            [&](std::int64_t i, std::int64_t j) { normalize_at<false, Relu>(x, residual, y, i, mean[j], scale[j], bias[j]); });
+        const std::int64_t done = normalize_blocks_avx512<Relu>(x, y, rows, width, stride,
+                                                                LaneFloatRoute{routes, mean, scale, bias}, exact_at);
         for (std::int64_t r = 0; r < rows; ++r)
-          for (std::int64_t j = done; j < width; ++j)
-            normalize_at<false, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
+          for (std::int64_t j = done; j < width; ++j) exact_at(r * stride + j, j);
         return;
       }
 #endif
       for (std::int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * stride;
-        T* yr = y + r * stride;
+        const std::int64_t row = r * stride;
         auto exact = [&](std::int64_t begin, std::int64_t end) {
-          for (std::int64_t j = begin; j < end; ++j)
-            normalize_at<false, Relu>(xr, residual, yr, j, mean[j], scale[j], bias[j]);
+          for (std::int64_t j = begin; j < end; ++j) exact_at(row + j, j);
         };
-        exact(normalize_float_route<Relu>(xr, yr, width, routes, exact, conversion), width);
+        exact(normalize_float_route<Relu>(x + row, y + row, width, routes, exact, conversion), width);
       }
       return;
     }
@@ -1027,9 +1028,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
             normalize_value<Residual, Relu>(v, res, k.mean, k.scale, k.bias);
             store8(y + i, v);
           },
-          [&](std::int64_t r, std::int64_t j) {
-            normalize_at<Residual, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
-          });
+          [&](std::int64_t r, std::int64_t j) { exact_at(r * stride + j, j); });
       return;
     }
   }
@@ -1038,8 +1037,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
   if (y != x && (!Residual || y != residual))
     r = normalize_rows_distinct<Residual, Relu>(x, residual, y, rows, width, stride, mean, scale, bias);
   for (; r < rows; ++r)
-    for (std::int64_t j = 0; j < width; ++j)
-      normalize_at<Residual, Relu>(x, residual, y, r * stride + j, mean[j], scale[j], bias[j]);
+    for (std::int64_t j = 0; j < width; ++j) exact_at(r * stride + j, j);
 }
 
 // ---- statistics ----
