@@ -184,18 +184,12 @@ struct Buffers {
   std::vector<P> x_peer, dy_peer, y_peer, dx_peer;  // x_peer, dy_peer: empty when kSharedInputs
   std::vector<float> weight, bias, running_mean, running_var;
   std::vector<float> dweight_peer, dbias_peer;
-  // The peers' inputs.
-  P* peer_x() {
+  // What the peers read for input @p ours (x or dy): that buffer itself, or its copy in P.
+  P* peer_input(std::vector<T>& ours, std::vector<P>& copy) {
     if constexpr (kSharedInputs)
-      return x.data();
+      return ours.data();
     else
-      return x_peer.data();
-  }
-  P* peer_dy() {
-    if constexpr (kSharedInputs)
-      return dy.data();
-    else
-      return dy_peer.data();
+      return copy.data();
   }
   Buffers(std::int64_t n, std::int64_t c)
       : x(n), dy(n), y_ours(n), dx_ours(n), copy(n), x_peer(kSharedInputs ? 0 : n), dy_peer(kSharedInputs ? 0 : n),
@@ -359,7 +353,8 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
   Impl torch{"torch", {}, false, -1, "missing", {}};
 #if BN_BENCH_HAVE_TORCH
   const auto dt = torch_dtype<P>();
-  at::Tensor tx = torch_wrap(b.peer_x(), cs, dt), tdy = torch_wrap(b.peer_dy(), cs, dt);
+  at::Tensor tx = torch_wrap(b.peer_input(b.x, b.x_peer), cs, dt),
+             tdy = torch_wrap(b.peer_input(b.dy, b.dy_peer), cs, dt);
   // Parameters as float (PyTorch's mixed bf16 mode); if the peer refuses that, bf16 params.
   std::vector<float> t_rm = b.running_mean, t_rv = b.running_var;
   at::Tensor tw = torch_vec(b.weight), tb = torch_vec(b.bias), trm = torch_vec(t_rm), trv = torch_vec(t_rv);
@@ -412,7 +407,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
     const memory::desc md(memory::dims(cs.dims.begin(), cs.dims.end()), ddt, tag);
     const memory::desc pmd({C}, memory::data_type::f32, memory::format_tag::a);
     const auto flags = nf::use_scale | nf::use_shift;
-    memory src(md, eng, b.peer_x()), dst(md, eng, b.y_peer.data());
+    memory src(md, eng, b.peer_input(b.x, b.x_peer)), dst(md, eng, b.y_peer.data());
     memory scale(pmd, eng, d_scale.data()), shift(pmd, eng, d_shift.data());
     memory mean(pmd, eng, d_mean.data()), var(pmd, eng, d_var.data());
     if (op == Op::infer) {
@@ -432,7 +427,7 @@ void run_case(benchmark::State& state, const Case& cs, Op op) {
       d_prim = std::move(fprim);
       d_args = fargs;
     } else {
-      memory ddy(md, eng, b.peer_dy()), ddx(md, eng, b.dx_peer.data());
+      memory ddy(md, eng, b.peer_input(b.dy, b.dy_peer)), ddx(md, eng, b.dx_peer.data());
       memory dscale(pmd, eng, b.dweight_peer.data()), dshift(pmd, eng, b.dbias_peer.data());
       dnnl::batch_normalization_backward::primitive_desc bpd(
           dnnl::batch_normalization_backward::desc(dnnl::prop_kind::backward, md, md, static_cast<float>(kEps), flags),
