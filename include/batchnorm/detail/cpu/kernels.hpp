@@ -570,6 +570,60 @@ BN_CONVERT_INLINE void store8(T* p, const double8& v) {
     std::memcpy(p, &narrow, sizeof narrow);
   }
 }
+
+/// Eight values loaded as load8 does, the loops' one way to load them (with_eight_loads).
+struct PortableEightLoads {
+  template <class T>
+  BN_CONVERT_INLINE void operator()(const T* p, double8& v) const {
+    load8(p, v);
+  }
+};
+
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+/// Eight floats from @p p widened by one AVX-512 vcvtps2pd from memory. GCC 12 lowers load8's
+/// __builtin_convertvector to two four-value conversions, an extract and an insert, even for
+/// AVX-512: three more instructions on the shuffle port per eight values.
+/// Outside the always_inline markers, as every function with a target of its own (target.hpp).
+BATCHNORM_CPU_INLINE_ALL_END
+__attribute__((target("avx512f"))) inline void load8_avx512(const float* p, double8& v) {
+  // The zero-masked form with every lane kept: the same instruction, and GCC 12 does not warn
+  // (-Wmaybe-uninitialized) about _mm512_cvtps_pd's undefined pass-through operand.
+  const __m512d wide = _mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xFF), _mm256_loadu_ps(p));
+  std::memcpy(&v, &wide, sizeof v);
+}
+BATCHNORM_CPU_INLINE_ALL_BEGIN
+
+/// load8, with floats widened by load8_avx512.
+struct Avx512EightLoads {
+  template <class T>
+  BN_CONVERT_INLINE void operator()(const T* p, double8& v) const {
+    if constexpr (std::is_same_v<T, float>) load8_avx512(p, v);
+    else load8(p, v);
+  }
+};
+#endif
+
+/**
+ * @brief f(load) with the eight-value load of the instruction set in use: Avx512EightLoads in
+ *        the AVX-512 version of the loops (or a build for AVX-512), else PortableEightLoads.
+ *
+ * A function cannot ask which target it is compiled for, so the choice is made at run time, once
+ * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
+ * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
+ * Both give the same values (widening a float to double is exact). Used by the reductions that
+ * widen every value they read (add_row_sums, add_row_gradient_sums), where the widening is
+ * part of the arithmetic's cost; the element-wise loops wait on memory and took no gain from it
+ * (benchmarks/README, round seventeen).
+ */
+template <class F>
+BN_CONVERT_INLINE void with_eight_loads(F&& f) {
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(Isa::avx512)) return f(Avx512EightLoads{});
+#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
+  return f(Avx512EightLoads{});
+#endif
+  f(PortableEightLoads{});
+}
 #else
 template <class T>
 inline constexpr bool loads_eight = false;
@@ -800,26 +854,28 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
   if constexpr (loads_eight<T>) {
     if (one_row) {
       const std::int64_t eights = width / 8 * 8;
-      for (; r < rows; ++r) {
-        const T* xr = x + r * stride;
-        for (std::int64_t j = 0; j < eights; j += 8) {
-          double8 c, s, q, d;
-          load8(center + j, c);
-          load8(sum + j, s);
-          load8(square_sum + j, q);
-          load8(xr + j, d);
-          d -= c;
-          s += d;
-          q += d * d;
-          store8(sum + j, s);
-          store8(square_sum + j, q);
+      with_eight_loads([&](auto load) {
+        for (; r < rows; ++r) {
+          const T* xr = x + r * stride;
+          for (std::int64_t j = 0; j < eights; j += 8) {
+            double8 c, s, q, d;
+            load(center + j, c);
+            load(sum + j, s);
+            load(square_sum + j, q);
+            load(xr + j, d);
+            d -= c;
+            s += d;
+            q += d * d;
+            store8(sum + j, s);
+            store8(square_sum + j, q);
+          }
+          for (std::int64_t j = eights; j < width; ++j) {
+            const double d = conv::to_double(xr[j]) - center[j];
+            sum[j] += d;
+            square_sum[j] += d * d;
+          }
         }
-        for (std::int64_t j = eights; j < width; ++j) {
-          const double d = conv::to_double(xr[j]) - center[j];
-          sum[j] += d;
-          square_sum[j] += d * d;
-        }
-      }
+      });
     }
   }
 #else
@@ -876,37 +932,39 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
     if (one_row) {
       const std::int64_t eights = width / 8 * 8;
-      for (; r < rows; ++r) {
-        const std::int64_t o = r * stride;
-        for (std::int64_t j = 0; j < eights; j += 8) {
-          double8 g, d, m, a, b, c;
-          load8(dy + o + j, g);
-          if constexpr (Relu) {
-            double8 yv;
-            load8(y + o + j, yv);
-            apply_relu_backward(g, yv);
+      with_eight_loads([&](auto load) {
+        for (; r < rows; ++r) {
+          const std::int64_t o = r * stride;
+          for (std::int64_t j = 0; j < eights; j += 8) {
+            double8 g, d, m, a, b, c;
+            load(dy + o + j, g);
+            if constexpr (Relu) {
+              double8 yv;
+              load(y + o + j, yv);
+              apply_relu_backward(g, yv);
+            }
+            load(x + o + j, d);
+            load(mean + j, m);
+            d -= m;
+            load(s_dy + j, a);
+            load(s_dy_xmu + j, b);
+            load(s_xmu + j, c);
+            a += g;
+            b += g * d;
+            c += d;
+            store8(s_dy + j, a);
+            store8(s_dy_xmu + j, b);
+            store8(s_xmu + j, c);
           }
-          load8(x + o + j, d);
-          load8(mean + j, m);
-          d -= m;
-          load8(s_dy + j, a);
-          load8(s_dy_xmu + j, b);
-          load8(s_xmu + j, c);
-          a += g;
-          b += g * d;
-          c += d;
-          store8(s_dy + j, a);
-          store8(s_dy_xmu + j, b);
-          store8(s_xmu + j, c);
+          for (std::int64_t j = eights; j < width; ++j) {
+            const double g = upstream<Relu>(dy, y, o + j);
+            const double xmu = conv::to_double(x[o + j]) - mean[j];
+            s_dy[j] += g;
+            s_dy_xmu[j] += g * xmu;
+            s_xmu[j] += xmu;
+          }
         }
-        for (std::int64_t j = eights; j < width; ++j) {
-          const double g = upstream<Relu>(dy, y, o + j);
-          const double xmu = conv::to_double(x[o + j]) - mean[j];
-          s_dy[j] += g;
-          s_dy_xmu[j] += g * xmu;
-          s_xmu[j] += xmu;
-        }
-      }
+      });
     }
   }
 #else
@@ -954,6 +1012,34 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
                                      const double* __restrict bias) {
   static_assert(rows_at_once == 4, "the loop below is written out for four rows");
   std::int64_t r = 0;
+#if defined(BATCHNORM_CPU_EIGHT)
+  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+    const std::int64_t eights = width / 8 * 8;
+    with_eight_loads([&](auto load) {
+      for (; r + rows_at_once <= rows; r += rows_at_once) {
+        const std::int64_t o0 = r * stride;
+        for (std::int64_t j = 0; j < eights; j += 8) {
+          double8 m, sc, b;
+          load(mean + j, m);
+          load(scale + j, sc);
+          load(bias + j, b);
+          for (std::int64_t q = 0; q < rows_at_once; ++q) {
+            const std::int64_t i = o0 + q * stride + j;
+            double8 v, res{};
+            load(x + i, v);
+            if constexpr (Residual) load(residual + i, res);
+            normalize_value<Residual, Relu>(v, res, m, sc, b);
+            store8(y + i, v);
+          }
+        }
+        for (std::int64_t j = eights; j < width; ++j)
+          for (std::int64_t q = 0; q < rows_at_once; ++q)
+            normalize_at<Residual, Relu>(x, residual, y, o0 + q * stride + j, mean[j], scale[j], bias[j]);
+      }
+    });
+    return r;
+  }
+#endif
   for (; r + rows_at_once <= rows; r += rows_at_once) {
     const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
     for (std::int64_t j = 0; j < width; ++j) {
