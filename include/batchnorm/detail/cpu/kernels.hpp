@@ -610,10 +610,11 @@ struct Avx512EightLoads {
  * A function cannot ask which target it is compiled for, so the choice is made at run time, once
  * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
  * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
- * Both give the same values (widening a float to double is exact). Used by the reductions that
- * widen every value they read (add_row_sums, add_row_gradient_sums), where the widening is
- * part of the arithmetic's cost; the element-wise loops wait on memory and took no gain from it
- * (benchmarks/README, round seventeen).
+ * Both give the same values (widening a float to double is exact). Used where the loads are
+ * part of the arithmetic's cost: the streaming reductions (add_row_sums, add_row_gradient_sums)
+ * and the four-row normalize of rows in cache (normalize_rows_distinct). The streaming
+ * normalize waits on memory: with these loads it took no less time on NHWC (8, 256, 56, 56) and
+ * 5 % more on (125000, 50) inference, so it keeps load8 (benchmarks/README, round seventeen).
  */
 template <class F>
 BN_CONVERT_INLINE void with_eight_loads(F&& f) {
@@ -1013,6 +1014,9 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
   static_assert(rows_at_once == 4, "the loop below is written out for four rows");
   std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
+  // Float and double: eight lanes at a time, each coefficient vector serving four rows, written
+  // with GCC vectors so that AVX-512 widens eight floats with one instruction (with_eight_loads);
+  // GCC's vectorization of the scalar loop below loaded sixteen and split them.
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
     const std::int64_t eights = width / 8 * 8;
     with_eight_loads([&](auto load) {
