@@ -460,80 +460,13 @@ BN_CONVERT_INLINE void prefetch_ahead(const T* p, std::int64_t count) {
 #endif
 }
 
-// ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
-
-/// acc[i mod Lanes] += x[i] − center (or its square), over @p length values (lanes restart at x).
-template <bool Square, std::int64_t Lanes, class T>
-void add_plane_deviations(const T* __restrict x, std::int64_t length, double center, double* __restrict acc) {
-  using conv = convert<T>;
-  auto term = [center](double v) {
-    const double d = v - center;
-    if constexpr (Square) return d * d;
-    else return d;
-  };
-  // The first pass reads from memory: ahead, into the planes that follow (short runs belong to
-  // small tensors, which stay in the caches).
-  const bool ahead = !Square && prefetches(length, sizeof(T));
-  std::int64_t i = 0;
-  for (; i + Lanes <= length; i += Lanes) {
-    if (ahead) prefetch_ahead(x + i, Lanes);
-    for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += term(conv::to_double(x[i + j]));
-  }
-  for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
-}
-
-/// wide[i] = x[i] widened to float (exact: half types), and, with d = x[i] − center,
-/// acc[i mod Lanes] += d as add_plane_deviations<false, Lanes> adds it and square[i mod Lanes]
-/// += d² (lanes restart at x). Half values with @p conversion's instructions are widened a block
-/// at a time (float_route.hpp), each block's terms added right after, while it is in L1: the
-/// whole run widened first (32 KiB of floats besides its 16 KiB of halves, L1 being 48 KiB) and
-/// then added took 1.1–1.2× as long (half (8, 256, 56, 56) training forward, harness).
-template <std::int64_t Lanes, class T>
-void widen_adding_sums(const T* __restrict x, std::int64_t length, double center, float* __restrict wide,
-                       double* __restrict acc, double* __restrict square, HalfConversion conversion) {
-  using Format = typename convert<T>::format;
-  static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
-  const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
-  auto add = [&](std::int64_t i, std::int64_t j) {
-    const double d = static_cast<double>(wide[i]) - center;
-    acc[j] += d;
-    square[j] += d * d;
-  };
-  auto step = [&](std::int64_t i, std::int64_t j) {
-    wide[i] = Format::widen(bits_of(x + i));
-    add(i, j);
-  };
-  std::int64_t i = 0;
-#if defined(BATCHNORM_CPU_X86_TARGETS)
-  if (takes_half_instructions<T>(conversion)) {
-    // Whole blocks by the conversion instructions, each added while it is in L1
-    i = with_half_instructions(conversion, [&](auto widen, auto) {
-      std::int64_t b = 0;
-      for (; b + float_route_block <= length; b += float_route_block) {
-        if (ahead) prefetch_ahead(x + b, float_route_block);
-        widen(x + b, wide + b);
-        for (std::int64_t k = b; k < b + float_route_block; k += Lanes)
-          for (std::int64_t j = 0; j < Lanes; ++j) add(k + j, j);
-      }
-      return b;
-    });
-  }
-#endif
-  (void)conversion;
-  for (; i + Lanes <= length; i += Lanes) {
-    if (ahead) prefetch_ahead(x + i, Lanes);
-    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
-  }
-  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
-}
-
 // ---- eight values at a time (float and double rows) ----
 
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define BATCHNORM_CPU_EIGHT 1
 /**
- * Eight doubles as a GCC / clang vector: the streaming rows loops of float and double tensors
- * (see for_eight_lanes) are written with it (load8 / store8), so that GCC loads eight floats and
+ * Eight doubles as a GCC / clang vector: the rows loops of float and double tensors
+ * (for_eight_lanes) are written with it (load8 / store8), so that GCC loads eight floats and
  * widens them in one instruction, where its own vectorization of a scalar loop loads sixteen at
  * full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by the
  * instruction set in use; each operation is the scalar IEEE one per lane, so an element-wise
@@ -611,10 +544,11 @@ struct Avx512EightLoads {
  * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
  * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
  * Both give the same values (widening a float to double is exact). Used where the loads are
- * part of the arithmetic's cost: the streaming reductions (add_row_sums, add_row_gradient_sums)
- * and the four-row normalize of rows in cache (normalize_rows_distinct). The streaming
- * normalize waits on memory: with these loads it took no less time on NHWC (8, 256, 56, 56) and
- * 5 % more on (125000, 50) inference, so it keeps load8 (benchmarks/README, round seventeen).
+ * part of the arithmetic's cost: the reductions (add_row_sums, add_row_gradient_sums) and the
+ * four-row element-wise loops of rows in cache (normalize_rows, input_gradient_rows). The
+ * streaming element-wise loops wait on memory: the streaming normalize with these loads took no
+ * less time on NHWC (8, 256, 56, 56) and 5 % more on (125000, 50) inference, so they keep load8
+ * (benchmarks/README, round seventeen).
  */
 template <class F>
 BN_CONVERT_INLINE void with_eight_loads(F&& f) {
@@ -629,6 +563,94 @@ BN_CONVERT_INLINE void with_eight_loads(F&& f) {
 template <class T>
 inline constexpr bool loads_eight = false;
 #endif
+
+// ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
+
+/// acc[i mod Lanes] += x[i] − center (or its square), over @p length values (lanes restart at x).
+template <bool Square, std::int64_t Lanes, class T>
+void add_plane_deviations(const T* __restrict x, std::int64_t length, double center, double* __restrict acc) {
+  using conv = convert<T>;
+  auto term = [center](double v) {
+    const double d = v - center;
+    if constexpr (Square) return d * d;
+    else return d;
+  };
+  // The first pass reads from memory: ahead, into the planes that follow (short runs belong to
+  // small tensors, which stay in the caches).
+  const bool ahead = !Square && prefetches(length, sizeof(T));
+  std::int64_t i = 0;
+#if defined(BATCHNORM_CPU_EIGHT)
+  // Float and double: the lanes as eight-value vectors held in registers, the loads by
+  // with_eight_loads; the same terms in the same order per lane.
+  if constexpr (loads_eight<T> && Lanes % 8 == 0) {
+    with_eight_loads([&](auto load) {
+      double8 lanes[Lanes / 8];
+      for (std::int64_t k = 0; k < Lanes / 8; ++k) load8(acc + 8 * k, lanes[k]);
+      for (; i + Lanes <= length; i += Lanes) {
+        if (ahead) prefetch_ahead(x + i, Lanes);
+        for (std::int64_t k = 0; k < Lanes / 8; ++k) {
+          double8 d;
+          load(x + i + 8 * k, d);
+          d -= center;
+          if constexpr (Square) d *= d;
+          lanes[k] += d;
+        }
+      }
+      for (std::int64_t k = 0; k < Lanes / 8; ++k) store8(acc + 8 * k, lanes[k]);
+    });
+  }
+#endif
+  for (; i + Lanes <= length; i += Lanes) {
+    if (ahead) prefetch_ahead(x + i, Lanes);
+    for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += term(conv::to_double(x[i + j]));
+  }
+  for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
+}
+
+/// wide[i] = x[i] widened to float (exact: half types), and, with d = x[i] − center,
+/// acc[i mod Lanes] += d as add_plane_deviations<false, Lanes> adds it and square[i mod Lanes]
+/// += d² (lanes restart at x). Half values with @p conversion's instructions are widened a block
+/// at a time (float_route.hpp), each block's terms added right after, while it is in L1: the
+/// whole run widened first (32 KiB of floats besides its 16 KiB of halves, L1 being 48 KiB) and
+/// then added took 1.1–1.2× as long (half (8, 256, 56, 56) training forward, harness).
+template <std::int64_t Lanes, class T>
+void widen_adding_sums(const T* __restrict x, std::int64_t length, double center, float* __restrict wide,
+                       double* __restrict acc, double* __restrict square, HalfConversion conversion) {
+  using Format = typename convert<T>::format;
+  static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
+  const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
+  auto add = [&](std::int64_t i, std::int64_t j) {
+    const double d = static_cast<double>(wide[i]) - center;
+    acc[j] += d;
+    square[j] += d * d;
+  };
+  auto step = [&](std::int64_t i, std::int64_t j) {
+    wide[i] = Format::widen(bits_of(x + i));
+    add(i, j);
+  };
+  std::int64_t i = 0;
+#if defined(BATCHNORM_CPU_X86_TARGETS)
+  if (takes_half_instructions<T>(conversion)) {
+    // Whole blocks by the conversion instructions, each added while it is in L1
+    i = with_half_instructions(conversion, [&](auto widen, auto) {
+      std::int64_t b = 0;
+      for (; b + float_route_block <= length; b += float_route_block) {
+        if (ahead) prefetch_ahead(x + b, float_route_block);
+        widen(x + b, wide + b);
+        for (std::int64_t k = b; k < b + float_route_block; k += Lanes)
+          for (std::int64_t j = 0; j < Lanes; ++j) add(k + j, j);
+      }
+      return b;
+    });
+  }
+#endif
+  (void)conversion;
+  for (; i + Lanes <= length; i += Lanes) {
+    if (ahead) prefetch_ahead(x + i, Lanes);
+    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
+  }
+  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
+}
 
 /// v ← act((v − mean)·scale + bias [+ residual]), for one value (V = double) or eight (double8).
 template <bool Residual, bool Relu, class V>
@@ -703,6 +725,43 @@ void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, cons
   }
 #endif
   (void)conversion;
+#if defined(BATCHNORM_CPU_EIGHT)
+  // Float and double: the three sums' lanes as eight-value vectors held in registers (as
+  // add_plane_deviations)
+  if constexpr (loads_eight<T> && Lanes % 8 == 0) {
+    with_eight_loads([&](auto load) {
+      constexpr std::int64_t vectors = Lanes / 8;
+      double8 a[vectors], b[vectors], c[vectors];
+      for (std::int64_t k = 0; k < vectors; ++k) {
+        load8(s_dy + 8 * k, a[k]);
+        load8(s_dy_xmu + 8 * k, b[k]);
+        load8(s_xmu + 8 * k, c[k]);
+      }
+      for (; i + Lanes <= length; i += Lanes) {
+        if (ahead) prefetch(i, Lanes);
+        for (std::int64_t k = 0; k < vectors; ++k) {
+          double8 g, d;
+          load(dy + i + 8 * k, g);
+          if constexpr (Relu) {
+            double8 yv;
+            load(y + i + 8 * k, yv);
+            apply_relu_backward(g, yv);
+          }
+          load(x + i + 8 * k, d);
+          d -= mean;
+          a[k] += g;
+          b[k] += g * d;
+          c[k] += d;
+        }
+      }
+      for (std::int64_t k = 0; k < vectors; ++k) {
+        store8(s_dy + 8 * k, a[k]);
+        store8(s_dy_xmu + 8 * k, b[k]);
+        store8(s_xmu + 8 * k, c[k]);
+      }
+    });
+  }
+#endif
   for (; i + Lanes <= length; i += Lanes) {
     if (ahead) prefetch(i, Lanes);
     for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
@@ -757,32 +816,83 @@ bool streams_from_memory(std::int64_t numel, std::int64_t width) {
          numel * static_cast<std::int64_t>(sizeof(T)) > streaming_bytes().load(std::memory_order_relaxed);
 }
 
-#if defined(BATCHNORM_CPU_EIGHT)
 /**
- * @brief The element-wise rows loop for tensors that stream from memory, eight lanes at a time,
- *        one row at a time (rows of at most streaming_max_lanes lanes): per row, lanes(j, k)
- *        loads the coefficients of lanes [j, j + 8) into a K and row(r, j, k) computes row r's
- *        eight values; tail(r, j) does the lanes after the last eight one at a time.
- *
- * Why a second loop: consecutive rows are then one sequential stream per buffer, and GCC loads
- * eight floats and widens them in one instruction. The four-row loops interleave eight streams
- * and load sixteen floats at full width to split them; on an NHWC tensor larger than the caches
- * they ran at 1.5–1.8× the time of a copy, this at 1.1–1.3×. On data in cache the four-row
- * loops are faster (a coefficient load serves four rows: 1.2× on (3136, 256) and (128, 8192)),
- * so they stay for tensors up to streaming_bytes. Measured on AVX-512; the loop does not change
- * any value.
+ * @brief A tag for a rows loop's body: compute Rows consecutive rows of V's lanes (double8:
+ *        eight lanes, double: one). A tag because vectors do not pass by value (-Wpsabi).
  */
-template <class K, class Lanes, class Row, class Tail>
-void for_eight_lanes(std::int64_t rows, std::int64_t width, Lanes&& lanes, Row&& row, Tail&& tail) {
-  const std::int64_t eights_end = width / 8 * 8;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int64_t j = 0; j < eights_end; j += 8) {
-      K k;
-      lanes(j, k);
-      row(r, j, k);
-    }
-    for (std::int64_t j = eights_end; j < width; ++j) tail(r, j);
+template <class V, std::int64_t Rows>
+struct LaneBlock {
+  using type = V;
+  static constexpr std::int64_t rows = Rows;
+};
+
+/// One value read as a double: the counterpart of the eight-value loads for the lanes a rows
+/// loop does one at a time.
+struct ScalarLoads {
+  template <class T>
+  BN_CONVERT_INLINE void operator()(const T* p, double& v) const {
+    v = convert<T>::to_double(*p);
   }
+};
+
+/// One value to @p p, rounded to T as static_cast does (store8's counterpart).
+template <class T>
+BN_CONVERT_INLINE void store_lanes(T* p, const double& v) {
+  *p = convert<T>::from_double(v);
+}
+
+/// acc += the sum of a block's rows' values @p v, in the four-row loops' order:
+/// (v0 + v1) + (v2 + v3) for four rows, v0 for one.
+template <class V, std::size_t Rows>
+BN_CONVERT_INLINE void add_rows(V& acc, const V (&v)[Rows]) {
+  static_assert(Rows == 1 || Rows == 4, "blocks of one row or of rows_at_once rows");
+  if constexpr (Rows == 1) acc += v[0];
+  else acc += (v[0] + v[1]) + (v[2] + v[3]);
+}
+
+#if defined(BATCHNORM_CPU_EIGHT)
+/// Eight values to @p p (store8), for a body written for both widths (LaneBlock).
+template <class T>
+BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
+  store8(p, v);
+}
+
+/**
+ * @brief The rows loop of float and double tensors: rows [first, rows) in blocks of Rows rows,
+ *        eight lanes at a time. For the rows [r, r + Rows), body(load, LaneBlock<double8, Rows>{},
+ *        r, j) computes lanes [j, j + 8) with the eight-value loads @p load (PortableEightLoads
+ *        or Avx512EightLoads), and body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j) lane j,
+ *        for the lanes after the last eight. Returns the first row it did not do (fewer than
+ *        Rows rows are left).
+ *
+ * One body for the vector lanes and the lanes left over, so both compute one formula, written
+ * once per loop. Rows rows_at_once, for rows in cache: a load of the lanes' coefficients (or
+ * sums) serves four rows (1.2× on (3136, 256) and (128, 8192) against one row at a time).
+ * Rows 1, for tensors that stream from memory (streams_from_memory): consecutive rows are then
+ * one sequential stream per buffer. The four-row loops, as GCC vectorized them from scalar
+ * code, interleaved four streams per buffer and loaded sixteen floats to split them: on an NHWC
+ * tensor larger than the caches they ran at 1.5–1.8× the time of a copy, one row at a time at
+ * 1.1–1.3× (AVX-512). GCC vectors rather than GCC's vectorization of a scalar loop: it loads
+ * eight floats and widens them in one instruction (with_eight_loads). Element-wise bodies give
+ * the same bits for any block; the sums add each block's rows in add_rows' order.
+ */
+template <std::int64_t Rows, class Load, class Body>
+std::int64_t for_eight_lanes(std::int64_t first, std::int64_t rows, std::int64_t width, Load load, Body&& body) {
+  const std::int64_t eights_end = width / 8 * 8;
+  std::int64_t r = first;
+  for (; r + Rows <= rows; r += Rows) {
+    for (std::int64_t j = 0; j < eights_end; j += 8) body(load, LaneBlock<double8, Rows>{}, r, j);
+    for (std::int64_t j = eights_end; j < width; ++j) body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j);
+  }
+  return r;
+}
+
+/// Rows [0, rows) by for_eight_lanes: one row at a time where @p one_row, else rows_at_once at a
+/// time and the rows left over one at a time.
+template <class Load, class Body>
+void for_eight_lane_rows(std::int64_t rows, std::int64_t width, bool one_row, Load load, Body&& body) {
+  const std::int64_t r = one_row ? 0 : for_eight_lanes<rows_at_once>(0, rows, width, load, body);
+  for_eight_lanes<1>(r, rows, width, load, body);
 }
 #endif
 
@@ -825,9 +935,9 @@ void for_widened_rows(std::int64_t rows, std::int64_t width, std::int64_t stride
 
 /// sum[j] += Σ_r (x[r][j] − center[j]) and square_sum[j] += Σ_r (x[r][j] − center[j])², both in
 /// one read (row_block_moments: its single pass, and its two passes where that cancels).
-/// @p one_row: a row at a time, eight lanes at a time (tensors that stream from memory: one
-/// sequential stream instead of four interleaved); otherwise four rows at once. The two sum in
-/// different orders.
+/// @p one_row: a row at a time (tensors that stream from memory: one sequential stream instead
+/// of four interleaved); otherwise four rows at once (for_eight_lanes). The two sum in different
+/// orders.
 template <class T>
 void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
                   const double* __restrict center, double* __restrict sum, double* __restrict square_sum,
@@ -835,7 +945,7 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
   using conv = convert<T>;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   // Half with the conversion instructions: widened, in the four-row order (one_row is for
-  // float's loads). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
+  // float's streams). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
   // benchmarks/README. bfloat16's conversion is a shift, which the loop below vectorizes; widened
   // first it took 2-3 % longer.
   if constexpr (has_float_route<T>) {
@@ -850,38 +960,33 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
     }
   }
 #endif
-  std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
-  if constexpr (loads_eight<T>) {
-    if (one_row) {
-      const std::int64_t eights = width / 8 * 8;
-      with_eight_loads([&](auto load) {
-        for (; r < rows; ++r) {
-          const T* xr = x + r * stride;
-          for (std::int64_t j = 0; j < eights; j += 8) {
-            double8 c, s, q, d;
-            load(center + j, c);
-            load(sum + j, s);
-            load(square_sum + j, q);
-            load(xr + j, d);
-            d -= c;
-            s += d;
-            q += d * d;
-            store8(sum + j, s);
-            store8(square_sum + j, q);
-          }
-          for (std::int64_t j = eights; j < width; ++j) {
-            const double d = conv::to_double(xr[j]) - center[j];
-            sum[j] += d;
-            square_sum[j] += d * d;
-          }
-        }
-      });
-    }
+  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+    auto sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
+      using Block = decltype(block);
+      using V = typename Block::type;
+      V c, d[Block::rows], squares[Block::rows], s, q;
+      load(center + j, c);
+      for (std::int64_t k = 0; k < Block::rows; ++k) {
+        load(x + (r + k) * stride + j, d[k]);
+        d[k] -= c;
+        squares[k] = d[k] * d[k];
+      }
+      load(sum + j, s);
+      load(square_sum + j, q);
+      add_rows(s, d);
+      add_rows(q, squares);
+      store_lanes(sum + j, s);
+      store_lanes(square_sum + j, q);
+    };
+    with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, one_row, load, sums_block); });
+    return;
   }
-#else
-  (void)one_row;
 #endif
+  // 16-bit types (bfloat16, half without the conversion instructions): four rows at once in the
+  // order of add_rows (GCC vectorizes the loop; the rows ignore one_row).
+  (void)one_row;
+  std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
     const T* __restrict x0 = x + r * stride;
     const T* __restrict x1 = x0 + stride;
@@ -904,8 +1009,8 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
 }
 
 /// Lanes of Σg, Σg·(x − mean), Σ(x − mean) over rows (g the upstream gradient). @p one_row: a
-/// row at a time, eight lanes at a time (tensors that stream from memory, as add_row_sums);
-/// otherwise four rows at once. The two sum in different orders.
+/// row at a time (tensors that stream from memory, as add_row_sums); otherwise four rows at
+/// once. The two sum in different orders.
 template <bool Relu, class T>
 void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y, std::int64_t rows,
                            std::int64_t width, std::int64_t stride, const double* __restrict mean,
@@ -928,49 +1033,42 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
     }
   }
 #endif
-  std::int64_t r = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
-    if (one_row) {
-      const std::int64_t eights = width / 8 * 8;
-      with_eight_loads([&](auto load) {
-        for (; r < rows; ++r) {
-          const std::int64_t o = r * stride;
-          for (std::int64_t j = 0; j < eights; j += 8) {
-            double8 g, d, m, a, b, c;
-            load(dy + o + j, g);
-            if constexpr (Relu) {
-              double8 yv;
-              load(y + o + j, yv);
-              apply_relu_backward(g, yv);
-            }
-            load(x + o + j, d);
-            load(mean + j, m);
-            d -= m;
-            load(s_dy + j, a);
-            load(s_dy_xmu + j, b);
-            load(s_xmu + j, c);
-            a += g;
-            b += g * d;
-            c += d;
-            store8(s_dy + j, a);
-            store8(s_dy_xmu + j, b);
-            store8(s_xmu + j, c);
-          }
-          for (std::int64_t j = eights; j < width; ++j) {
-            const double g = upstream<Relu>(dy, y, o + j);
-            const double xmu = conv::to_double(x[o + j]) - mean[j];
-            s_dy[j] += g;
-            s_dy_xmu[j] += g * xmu;
-            s_xmu[j] += xmu;
-          }
+    auto gradient_sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
+      using Block = decltype(block);
+      using V = typename Block::type;
+      V m, g[Block::rows], d[Block::rows], gd[Block::rows], a, b, c;
+      load(mean + j, m);
+      for (std::int64_t k = 0; k < Block::rows; ++k) {
+        const std::int64_t i = (r + k) * stride + j;
+        load(dy + i, g[k]);
+        if constexpr (Relu) {
+          V yv;
+          load(y + i, yv);
+          apply_relu_backward(g[k], yv);
         }
-      });
-    }
+        load(x + i, d[k]);
+        d[k] -= m;
+        gd[k] = g[k] * d[k];
+      }
+      load(s_dy + j, a);
+      load(s_dy_xmu + j, b);
+      load(s_xmu + j, c);
+      add_rows(a, g);
+      add_rows(b, gd);
+      add_rows(c, d);
+      store_lanes(s_dy + j, a);
+      store_lanes(s_dy_xmu + j, b);
+      store_lanes(s_xmu + j, c);
+    };
+    with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, one_row, load, gradient_sums_block); });
+    return;
   }
-#else
-  (void)one_row;  // without GCC vectors there is one loop
 #endif
+  // 16-bit types: four rows at once in the order of add_rows, as add_row_sums
+  (void)one_row;
+  std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
     const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
     for (std::int64_t j = 0; j < width; ++j) {
@@ -1005,7 +1103,8 @@ inline void normalize_at(const T* x, const T* residual, T* y, std::int64_t i, do
   y[i] = conv::from_double(v);
 }
 
-/// The four-row loop of normalize_rows for distinct buffers; returns the rows it did.
+/// The four-row loop of normalize_rows for distinct buffers and 16-bit types (float and double
+/// take for_eight_lanes); returns the rows it did.
 template <bool Residual, bool Relu, class T>
 std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict residual, T* __restrict y,
                                      std::int64_t rows, std::int64_t width, std::int64_t stride,
@@ -1013,37 +1112,6 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
                                      const double* __restrict bias) {
   static_assert(rows_at_once == 4, "the loop below is written out for four rows");
   std::int64_t r = 0;
-#if defined(BATCHNORM_CPU_EIGHT)
-  // Float and double: eight lanes at a time, each coefficient vector serving four rows, written
-  // with GCC vectors so that AVX-512 widens eight floats with one instruction (with_eight_loads);
-  // GCC's vectorization of the scalar loop below loaded sixteen and split them.
-  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
-    const std::int64_t eights = width / 8 * 8;
-    with_eight_loads([&](auto load) {
-      for (; r + rows_at_once <= rows; r += rows_at_once) {
-        const std::int64_t o0 = r * stride;
-        for (std::int64_t j = 0; j < eights; j += 8) {
-          double8 m, sc, b;
-          load(mean + j, m);
-          load(scale + j, sc);
-          load(bias + j, b);
-          for (std::int64_t q = 0; q < rows_at_once; ++q) {
-            const std::int64_t i = o0 + q * stride + j;
-            double8 v, res{};
-            load(x + i, v);
-            if constexpr (Residual) load(residual + i, res);
-            normalize_value<Residual, Relu>(v, res, m, sc, b);
-            store8(y + i, v);
-          }
-        }
-        for (std::int64_t j = eights; j < width; ++j)
-          for (std::int64_t q = 0; q < rows_at_once; ++q)
-            normalize_at<Residual, Relu>(x, residual, y, o0 + q * stride + j, mean[j], scale[j], bias[j]);
-      }
-    });
-    return r;
-  }
-#endif
   for (; r + rows_at_once <= rows; r += rows_at_once) {
     const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
     for (std::int64_t j = 0; j < width; ++j) {
@@ -1058,8 +1126,9 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
 }
 
 /// y = act((x − mean)·scale + bias [+ residual]) over rows, coefficients per lane. y may be x or
-/// residual (in place: then one row at a time, each element read before it is written).
-/// @p streaming: the tensor is larger than the caches (see for_eight_lanes).
+/// residual (in place: float and double as usual, each element read before it is written;
+/// 16-bit types then one row at a time). @p streaming: the tensor is larger than the caches (see
+/// for_eight_lanes).
 /// Half types without residual take the float route row by row when every lane's coefficients
 /// fit it (@p routes.usable: float_route.hpp, the same bits).
 template <bool Residual, bool Relu, class T>
@@ -1098,29 +1167,27 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
   }
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
-    if (streaming) {
-      // Each eight values read before any is written (so in place too).
-      struct Coefficients {
-        double8 mean, scale, bias;
-      };
-      for_eight_lanes<Coefficients>(
-          rows, width,
-          [&](std::int64_t j, Coefficients& k) {
-            load8(mean + j, k.mean);
-            load8(scale + j, k.scale);
-            load8(bias + j, k.bias);
-          },
-          [&](std::int64_t r, std::int64_t j, const Coefficients& k) {
-            const std::int64_t i = r * stride + j;
-            double8 v, res{};
-            load8(x + i, v);
-            if constexpr (Residual) load8(residual + i, res);
-            normalize_value<Residual, Relu>(v, res, k.mean, k.scale, k.bias);
-            store8(y + i, v);
-          },
-          [&](std::int64_t r, std::int64_t j) { exact_at(r * stride + j, j); });
-      return;
-    }
+    // Each value is read before it is written, so in place too.
+    auto normalize_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
+      using Block = decltype(block);
+      using V = typename Block::type;
+      V m, sc, b;
+      load(mean + j, m);
+      load(scale + j, sc);
+      load(bias + j, b);
+      for (std::int64_t k = 0; k < Block::rows; ++k) {
+        const std::int64_t i = (r + k) * stride + j;
+        V v, res{};
+        load(x + i, v);
+        if constexpr (Residual) load(residual + i, res);
+        normalize_value<Residual, Relu>(v, res, m, sc, b);
+        store_lanes(y + i, v);
+      }
+    };
+    // Streaming: load8, as the loop waits on memory (with_eight_loads' note)
+    if (streaming) for_eight_lane_rows(rows, width, true, PortableEightLoads{}, normalize_block);
+    else with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, false, load, normalize_block); });
+    return;
   }
 #endif
   std::int64_t r = 0;
@@ -1680,7 +1747,8 @@ void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual
   }
 }
 
-/// The four-row loop of input_gradient_rows for distinct buffers; returns the rows it did.
+/// The four-row loop of input_gradient_rows for distinct buffers and 16-bit types (float and
+/// double take for_eight_lanes); returns the rows it did.
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
                                           T* __restrict dx, T* __restrict dresidual, std::int64_t rows,
@@ -1703,7 +1771,8 @@ std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __rest
 }
 
 /// The input gradient over rows, coefficients per lane (five arrays of @p width). dx may be dy
-/// or x, dresidual may be dy (in place: then one row at a time). @p streaming: as normalize_rows.
+/// or x, dresidual may be dy (in place: for 16-bit types one row at a time, as normalize_rows).
+/// @p streaming: as normalize_rows.
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidual, std::int64_t rows,
                          std::int64_t width, std::int64_t stride, const double* mean, const double* shift,
@@ -1735,44 +1804,39 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
   }
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
-    if (streaming) {
-      // Each eight values read before any is written (so in place too).
-      struct Coefficients {
-        double8 mean, shift, dy_scale, xmu_scale, constant;
-      };
-      for_eight_lanes<Coefficients>(
-          rows, width,
-          [&](std::int64_t j, Coefficients& k) {
-            load8(dy_scale + j, k.dy_scale);
-            if constexpr (Training) {
-              load8(mean + j, k.mean);
-              load8(shift + j, k.shift);
-              load8(xmu_scale + j, k.xmu_scale);
-              load8(constant + j, k.constant);
-            }
-          },
-          [&](std::int64_t r, std::int64_t j, const Coefficients& k) {
-            const std::int64_t i = r * stride + j;
-            double8 g, out, xv{};
-            load8(dy + i, g);
-            if constexpr (Relu) {
-              double8 yv;
-              load8(y + i, yv);
-              apply_relu_backward(g, yv);
-            }
-            if constexpr (Dx) {
-              if constexpr (Training) load8(x + i, xv);
-              input_gradient_value<Training>(out, g, xv, k.mean, k.shift, k.dy_scale, k.xmu_scale, k.constant);
-            }
-            if constexpr (Dres) store8(dresidual + i, g);
-            if constexpr (Dx) store8(dx + i, out);
-          },
-          [&](std::int64_t r, std::int64_t j) {
-            input_gradient_at<Relu, Dx, Dres, Training>(x, dy, y, dx, dresidual, r * stride + j, mean[j], shift[j],
-                                                        dy_scale[j], xmu_scale[j], constant[j]);
-          });
-      return;
-    }
+    // Each value is read before any output is written, so in place too.
+    auto gradient_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
+      using Block = decltype(block);
+      using V = typename Block::type;
+      V m{}, sh{}, ds, xs{}, co{};
+      load(dy_scale + j, ds);
+      if constexpr (Training) {
+        load(mean + j, m);
+        load(shift + j, sh);
+        load(xmu_scale + j, xs);
+        load(constant + j, co);
+      }
+      for (std::int64_t k = 0; k < Block::rows; ++k) {
+        const std::int64_t i = (r + k) * stride + j;
+        V g, out, xv{};
+        load(dy + i, g);
+        if constexpr (Relu) {
+          V yv;
+          load(y + i, yv);
+          apply_relu_backward(g, yv);
+        }
+        if constexpr (Dx) {
+          if constexpr (Training) load(x + i, xv);
+          input_gradient_value<Training>(out, g, xv, m, sh, ds, xs, co);
+        }
+        if constexpr (Dres) store_lanes(dresidual + i, g);
+        if constexpr (Dx) store_lanes(dx + i, out);
+      }
+    };
+    // Streaming: load8, as normalize_rows
+    if (streaming) for_eight_lane_rows(rows, width, true, PortableEightLoads{}, gradient_block);
+    else with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, false, load, gradient_block); });
+    return;
   }
 #endif
   std::int64_t r = 0;
