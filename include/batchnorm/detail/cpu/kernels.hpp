@@ -460,7 +460,15 @@ BN_CONVERT_INLINE void prefetch_ahead(const T* p, std::int64_t count) {
 #endif
 }
 
-// ---- eight values at a time (float and double rows) ----
+// ---- eight values at a time (float, double and bfloat16 loops) ----
+
+/// Whether T is bfloat16 storage: its float is its bits shifted left by 16, so eight values
+/// widen with integer vector instructions (load8).
+template <class T, class = void>
+inline constexpr bool widens_by_shift = false;
+template <class T>
+inline constexpr bool widens_by_shift<T, std::void_t<typename convert<T>::format>> =
+    std::is_same_v<typename convert<T>::format, bits::bfloat16_format>;
 
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define BATCHNORM_CPU_EIGHT 1
@@ -473,8 +481,13 @@ BN_CONVERT_INLINE void prefetch_ahead(const T* p, std::int64_t count) {
  * loop gives the bits of the scalar formula.
  */
 using double8 = double __attribute__((vector_size(8 * sizeof(double))));
+/// The types load8 widens: float, double and bfloat16 (the reductions take all three).
 template <class T>
-inline constexpr bool loads_eight = std::is_same_v<T, float> || std::is_same_v<T, double>;
+inline constexpr bool loads_eight = std::is_same_v<T, float> || std::is_same_v<T, double> || widens_by_shift<T>;
+/// The types store8 rounds to: float and double (the element-wise loops take these). Rounding a
+/// double to bfloat16 in one step is not a vector instruction; those loops keep convert<T>.
+template <class T>
+inline constexpr bool stores_eight = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // Vectors pass by reference only: GCC and clang warn (-Wpsabi) that passing one by value without
 // AVX-512 changes the ABI, even where every call is inlined.
@@ -482,13 +495,23 @@ inline constexpr bool loads_eight = std::is_same_v<T, float> || std::is_same_v<T
 /// Eight values from @p p (any alignment), widened to double exactly.
 template <class T>
 BN_CONVERT_INLINE void load8(const T* p, double8& v) {
+  using float8 = float __attribute__((vector_size(8 * sizeof(float))));
   if constexpr (std::is_same_v<T, double>) {
     std::memcpy(&v, p, sizeof v);
-  } else {
-    using float8 = float __attribute__((vector_size(8 * sizeof(float))));
+  } else if constexpr (std::is_same_v<T, float>) {
     float8 narrow;
     std::memcpy(&narrow, p, sizeof narrow);
     v = __builtin_convertvector(narrow, double8);
+  } else {
+    static_assert(widens_by_shift<T>, "load8 widens float, double and bfloat16");
+    using bits8 = std::uint16_t __attribute__((vector_size(8 * sizeof(std::uint16_t))));
+    using word8 = std::uint32_t __attribute__((vector_size(8 * sizeof(std::uint32_t))));
+    bits8 narrow;
+    std::memcpy(&narrow, p, sizeof narrow);
+    const word8 words = __builtin_convertvector(narrow, word8) << 16;
+    float8 floats;
+    std::memcpy(&floats, &words, sizeof floats);
+    v = __builtin_convertvector(floats, double8);
   }
 }
 
@@ -524,13 +547,23 @@ __attribute__((target("avx512f"))) inline void load8_avx512(const float* p, doub
   const __m512d wide = _mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xFF), _mm256_loadu_ps(p));
   std::memcpy(&v, &wide, sizeof v);
 }
+
+/// Eight bfloat16 values at @p p widened as load8 does: zero-extended to 32 bits, shifted to a
+/// float's high half, and one vcvtps2pd (load8's lowering converts twice four values).
+__attribute__((target("avx512f"))) inline void load8_bfloat16_avx512(const void* p, double8& v) {
+  const __m256i words = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))), 16);
+  const __m512d wide = _mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xFF), _mm256_castsi256_ps(words));
+  std::memcpy(&v, &wide, sizeof v);
+}
 BATCHNORM_CPU_INLINE_ALL_BEGIN
 
-/// load8, with floats widened by load8_avx512.
+/// load8, with floats and bfloat16 widened by one AVX-512 conversion each (load8_avx512,
+/// load8_bfloat16_avx512).
 struct Avx512EightLoads {
   template <class T>
   BN_CONVERT_INLINE void operator()(const T* p, double8& v) const {
     if constexpr (std::is_same_v<T, float>) load8_avx512(p, v);
+    else if constexpr (widens_by_shift<T>) load8_bfloat16_avx512(p, v);
     else load8(p, v);
   }
 };
@@ -562,6 +595,8 @@ BN_CONVERT_INLINE void with_eight_loads(F&& f) {
 #else
 template <class T>
 inline constexpr bool loads_eight = false;
+template <class T>
+inline constexpr bool stores_eight = false;
 #endif
 
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
@@ -858,12 +893,12 @@ BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
 }
 
 /**
- * @brief The rows loop of float and double tensors: rows [first, rows) in blocks of Rows rows,
- *        eight lanes at a time. For the rows [r, r + Rows), body(load, LaneBlock<double8, Rows>{},
- *        r, j) computes lanes [j, j + 8) with the eight-value loads @p load (PortableEightLoads
- *        or Avx512EightLoads), and body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j) lane j,
- *        for the lanes after the last eight. Returns the first row it did not do (fewer than
- *        Rows rows are left).
+ * @brief The rows loop of float and double tensors (and of bfloat16 in the reductions, which
+ *        store no T): rows [first, rows) in blocks of Rows rows, eight lanes at a time. For the
+ *        rows [r, r + Rows), body(load, LaneBlock<double8, Rows>{}, r, j) computes lanes
+ *        [j, j + 8) with the eight-value loads @p load (PortableEightLoads or Avx512EightLoads),
+ *        and body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j) lane j, for the lanes after
+ *        the last eight. Returns the first row it did not do (fewer than Rows rows are left).
  *
  * One body for the vector lanes and the lanes left over, so both compute one formula, written
  * once per loop. Rows rows_at_once, for rows in cache: a load of the lanes' coefficients (or
@@ -946,8 +981,8 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   // Half with the conversion instructions: widened, in the four-row order (one_row is for
   // float's streams). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
-  // benchmarks/README. bfloat16's conversion is a shift, which the loop below vectorizes; widened
-  // first it took 2-3 % longer.
+  // benchmarks/README. bfloat16's conversion is a shift, which load8 does below; widened first
+  // it took 2-3 % longer than GCC's vectorization of the scalar loop (round fourteen).
   if constexpr (has_float_route<T>) {
     if (takes_half_instructions<T>(half_conversion_in_use())) {
       alignas(64) float wide[rows_at_once * max_block_width];
@@ -961,7 +996,7 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
   }
 #endif
 #if defined(BATCHNORM_CPU_EIGHT)
-  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+  if constexpr (loads_eight<T>) {  // float, double, bfloat16
     auto sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
       using Block = decltype(block);
       using V = typename Block::type;
@@ -983,8 +1018,8 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
     return;
   }
 #endif
-  // 16-bit types (bfloat16, half without the conversion instructions): four rows at once in the
-  // order of add_rows (GCC vectorizes the loop; the rows ignore one_row).
+  // Half without the conversion instructions: four rows at once in the order of add_rows (GCC
+  // vectorizes the loop; the rows ignore one_row).
   (void)one_row;
   std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
@@ -1034,7 +1069,7 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
   }
 #endif
 #if defined(BATCHNORM_CPU_EIGHT)
-  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+  if constexpr (loads_eight<T>) {  // float, double, bfloat16
     auto gradient_sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
       using Block = decltype(block);
       using V = typename Block::type;
@@ -1066,7 +1101,8 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
     return;
   }
 #endif
-  // 16-bit types: four rows at once in the order of add_rows, as add_row_sums
+  // Half without the conversion instructions: four rows at once in the order of add_rows, as
+  // add_row_sums
   (void)one_row;
   std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
@@ -1166,7 +1202,7 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
     }
   }
 #if defined(BATCHNORM_CPU_EIGHT)
-  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+  if constexpr (stores_eight<T>) {  // store8 takes float and double
     // Each value is read before it is written, so in place too.
     auto normalize_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
       using Block = decltype(block);
@@ -1803,7 +1839,7 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
     }
   }
 #if defined(BATCHNORM_CPU_EIGHT)
-  if constexpr (loads_eight<T>) {  // load8 / store8 take float and double only
+  if constexpr (stores_eight<T>) {  // store8 takes float and double
     // Each value is read before any output is written, so in place too.
     auto gradient_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
       using Block = decltype(block);
