@@ -473,10 +473,10 @@ inline constexpr bool widens_by_shift<T, std::void_t<typename convert<T>::format
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define BATCHNORM_CPU_EIGHT 1
 /**
- * Eight doubles as a GCC / clang vector: the rows loops of float and double tensors
- * (for_eight_lanes) are written with it (load8 / store8), so that GCC loads eight floats and
- * widens them in one instruction, where its own vectorization of a scalar loop loads sixteen at
- * full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by the
+ * Eight doubles as a GCC / clang vector: the rows loops (for_eight_lanes) and the plane sums
+ * of float, double and (reductions only) bfloat16 tensors are written with it (load8 / store8),
+ * so that eight values are loaded and widened at once, where GCC's own vectorization of a scalar
+ * loop loads sixteen floats at full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by the
  * instruction set in use; each operation is the scalar IEEE one per lane, so an element-wise
  * loop gives the bits of the scalar formula.
  */
@@ -576,9 +576,10 @@ struct Avx512EightLoads {
  * A function cannot ask which target it is compiled for, so the choice is made at run time, once
  * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
  * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
- * Both give the same values (widening a float to double is exact). Used where the loads are
- * part of the arithmetic's cost: the reductions (add_row_sums, add_row_gradient_sums) and the
- * four-row element-wise loops of rows in cache (normalize_rows, input_gradient_rows). The
+ * Both give the same values (widening a float or a bfloat16 to double is exact). Used where the
+ * loads are part of the arithmetic's cost: the reductions (add_row_sums, add_row_gradient_sums,
+ * add_plane_deviations, add_plane_gradient_sums) and the four-row element-wise loops of rows in
+ * cache (normalize_rows, input_gradient_rows). The
  * streaming element-wise loops wait on memory: the streaming normalize with these loads took no
  * less time on NHWC (8, 256, 56, 56) and 5 % more on (125000, 50) inference, so they keep load8
  * (benchmarks/README, round seventeen).
@@ -615,7 +616,7 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
   const bool ahead = !Square && prefetches(length, sizeof(T));
   std::int64_t i = 0;
 #if defined(BATCHNORM_CPU_EIGHT)
-  // Float and double: the lanes as eight-value vectors held in registers, the loads by
+  // Float, double and bfloat16: the lanes as eight-value vectors held in registers, the loads by
   // with_eight_loads; the same terms in the same order per lane.
   if constexpr (loads_eight<T> && Lanes % 8 == 0) {
     with_eight_loads([&](auto load) {
@@ -761,8 +762,8 @@ void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, cons
 #endif
   (void)conversion;
 #if defined(BATCHNORM_CPU_EIGHT)
-  // Float and double: the three sums' lanes as eight-value vectors held in registers (as
-  // add_plane_deviations)
+  // Float, double and bfloat16: the three sums' lanes as eight-value vectors held in registers
+  // (as add_plane_deviations)
   if constexpr (loads_eight<T> && Lanes % 8 == 0) {
     with_eight_loads([&](auto load) {
       constexpr std::int64_t vectors = Lanes / 8;
