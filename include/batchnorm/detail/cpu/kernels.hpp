@@ -980,8 +980,8 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
                   bool one_row) {
   using conv = convert<T>;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
-  // Half with the conversion instructions: widened, in the four-row order (one_row is for
-  // float's streams). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
+  // Half with the conversion instructions: widened, in the four-row order (one_row is for the
+  // eight-value loads' streams). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
   // benchmarks/README. bfloat16's conversion is a shift, which load8 does below; widened first
   // it took 2-3 % longer than GCC's vectorization of the scalar loop (round fourteen).
   if constexpr (has_float_route<T>) {
@@ -1019,8 +1019,8 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
     return;
   }
 #endif
-  // Half without the conversion instructions: four rows at once in the order of add_rows (GCC
-  // vectorizes the loop; the rows ignore one_row).
+  // Half without the conversion instructions, and every type without GCC vectors: four rows at
+  // once in the order of add_rows (GCC vectorizes the loop; the rows ignore one_row).
   (void)one_row;
   std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
@@ -1102,8 +1102,8 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
     return;
   }
 #endif
-  // Half without the conversion instructions: four rows at once in the order of add_rows, as
-  // add_row_sums
+  // Half without the conversion instructions, and every type without GCC vectors: four rows at
+  // once in the order of add_rows, as add_row_sums
   (void)one_row;
   std::int64_t r = 0;
   for (; r + rows_at_once <= rows; r += rows_at_once) {
@@ -1140,8 +1140,8 @@ inline void normalize_at(const T* x, const T* residual, T* y, std::int64_t i, do
   y[i] = conv::from_double(v);
 }
 
-/// The four-row loop of normalize_rows for distinct buffers and 16-bit types (float and double
-/// take for_eight_lanes); returns the rows it did.
+/// The four-row loop of normalize_rows for distinct buffers of 16-bit types (float and double
+/// take for_eight_lanes where the compiler has GCC vectors); returns the rows it did.
 template <bool Residual, bool Relu, class T>
 std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict residual, T* __restrict y,
                                      std::int64_t rows, std::int64_t width, std::int64_t stride,
@@ -1784,8 +1784,8 @@ void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual
   }
 }
 
-/// The four-row loop of input_gradient_rows for distinct buffers and 16-bit types (float and
-/// double take for_eight_lanes); returns the rows it did.
+/// The four-row loop of input_gradient_rows for distinct buffers of 16-bit types (float and
+/// double take for_eight_lanes where the compiler has GCC vectors); returns the rows it did.
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
                                           T* __restrict dx, T* __restrict dresidual, std::int64_t rows,
