@@ -473,11 +473,12 @@ inline constexpr bool widens_by_shift<T, std::void_t<typename convert<T>::format
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define BATCHNORM_CPU_EIGHT 1
 /**
- * Eight doubles as a GCC / clang vector: the rows loops (for_eight_lanes) and the plane sums
- * of float, double and (reductions only) bfloat16 tensors are written with it (load8 / store8),
- * so that eight values are loaded and widened at once, where GCC's own vectorization of a scalar
- * loop loads sixteen floats at full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by the
- * instruction set in use; each operation is the scalar IEEE one per lane, so an element-wise
+ * Eight doubles as a GCC / clang vector: the rows loops (for_lane_blocks) and the plane loops
+ * (add_plane_rounds) of float, double and (reductions only) bfloat16 tensors, and of the floats
+ * that half values are widened to, are written with it (load8 / store8), so that eight values
+ * are loaded and widened at once, where GCC's own vectorization of a scalar loop loads sixteen
+ * floats at full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by
+ * the instruction set in use; each operation is the scalar IEEE one per lane, so an element-wise
  * loop gives the bits of the scalar formula.
  */
 using double8 = double __attribute__((vector_size(8 * sizeof(double))));
@@ -578,20 +579,21 @@ struct Avx512EightLoads {
  * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
  * Both give the same values (widening a float or a bfloat16 to double is exact). Used where the
  * loads are part of the arithmetic's cost: the reductions (add_row_sums, add_row_gradient_sums,
- * add_plane_deviations, add_plane_gradient_sums) and the four-row element-wise loops of rows in
- * cache (normalize_rows, input_gradient_rows). The
+ * and the plane loops: add_plane_deviations, add_plane_gradient_sums, widen_adding_sums, the
+ * last two also over the floats that half values are widened to) and the four-row element-wise
+ * loops of rows in cache (normalize_rows, input_gradient_rows). The
  * streaming element-wise loops wait on memory: the streaming normalize with these loads took no
  * less time on NHWC (8, 256, 56, 56) and 5 % more on (125000, 50) inference, so they keep load8
  * (benchmarks/README, round seventeen).
  */
 template <class F>
-BN_CONVERT_INLINE void with_eight_loads(F&& f) {
+BN_CONVERT_INLINE decltype(auto) with_eight_loads(F&& f) {
 #if defined(BATCHNORM_CPU_DISPATCH_AVX512)
   if (isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(Isa::avx512)) return f(Avx512EightLoads{});
 #elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
   return f(Avx512EightLoads{});
 #endif
-  f(PortableEightLoads{});
+  return f(PortableEightLoads{});
 }
 #else
 template <class T>
@@ -600,92 +602,174 @@ template <class T>
 inline constexpr bool stores_eight = false;
 #endif
 
+// ---- loads and stores of a loop body written for both widths (double8 and double) ----
+
+/// One value read as a double: the counterpart of the eight-value loads for the lanes a loop
+/// does one at a time.
+struct ScalarLoads {
+  template <class T>
+  BN_CONVERT_INLINE void operator()(const T* p, double& v) const {
+    v = convert<T>::to_double(*p);
+  }
+};
+
+/// One value to @p p, rounded to T as static_cast does (store8's counterpart).
+template <class T>
+BN_CONVERT_INLINE void store_lanes(T* p, const double& v) {
+  *p = convert<T>::from_double(v);
+}
+
+#if defined(BATCHNORM_CPU_EIGHT)
+/// Eight values to @p p (store8), for a body written for both widths.
+template <class T>
+BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
+  store8(p, v);
+}
+#endif
+
+/// A loop's own accumulators from @p p: one double, or eight (double8).
+BN_CONVERT_INLINE void load_lanes(const double* p, double& v) { v = *p; }
+#if defined(BATCHNORM_CPU_EIGHT)
+BN_CONVERT_INLINE void load_lanes(const double* p, double8& v) { load8(p, v); }
+#endif
+
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
+
+/**
+ * @brief The whole rounds of a plane loop from position @p i to at most @p end: Sums sums of
+ *        Lanes lanes each (@p sums), lane j of each taking the terms of the positions ≡ j mod
+ *        Lanes (counted from the run's start), in order. Returns the first position it did not
+ *        do (fewer than Lanes are left).
+ *
+ * The lanes are held in local variables of type V (registers, where they fit): Lanes / 8 double8
+ * vectors per sum with the eight-value loads @p load (with_eight_loads), or Lanes doubles with
+ * ScalarLoads. Before each round,
+ * @p prepare(p, Lanes) (prefetch, or widen the round's values); then, for each V of the round at
+ * position p, body(load, acc, p) adds the terms of positions [p, p + width of V) to acc[s], the V
+ * of sum s. One body serves both widths and the tail (add_plane_tail), so a plane loop's formula
+ * is written once; each lane adds the same terms in the same order at either width.
+ */
+template <std::int64_t Lanes, class V, std::size_t Sums, class Load, class Prepare, class Body>
+BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end, double* const (&sums)[Sums],
+                                                Load load, Prepare&& prepare, Body&& body) {
+  if (i + Lanes > end) return i;  // a short run: no whole round, lanes untouched
+  constexpr std::int64_t width = static_cast<std::int64_t>(sizeof(V) / sizeof(double));
+  static_assert(Lanes % width == 0, "whole vectors per round");
+  constexpr std::int64_t vectors = Lanes / width;
+  V acc[vectors][Sums];
+  for (std::int64_t k = 0; k < vectors; ++k)
+    for (std::size_t s = 0; s < Sums; ++s) load_lanes(sums[s] + width * k, acc[k][s]);
+  for (; i + Lanes <= end; i += Lanes) {
+    prepare(i, Lanes);
+    for (std::int64_t k = 0; k < vectors; ++k) body(load, acc[k], i + width * k);
+  }
+  for (std::int64_t k = 0; k < vectors; ++k)
+    for (std::size_t s = 0; s < Sums; ++s) store_lanes(sums[s] + width * k, acc[k][s]);
+  return i;
+}
+
+/// The positions [i, end) after a plane loop's last whole round (i a round's start, fewer than
+/// Lanes positions): @p prepare(i, end − i), then body as in add_plane_rounds, one lane at a time.
+template <std::size_t Sums, class Prepare, class Body>
+void add_plane_tail(std::int64_t i, std::int64_t end, double* const (&sums)[Sums], Prepare&& prepare, Body&& body) {
+  if (i >= end) return;
+  prepare(i, end - i);
+  for (std::int64_t j = 0; i + j < end; ++j) {
+    double acc[Sums];
+    for (std::size_t s = 0; s < Sums; ++s) acc[s] = sums[s][j];
+    body(ScalarLoads{}, acc, i + j);
+    for (std::size_t s = 0; s < Sums; ++s) sums[s][j] = acc[s];
+  }
+}
+
+/// A plane loop over positions [i, length) of values of T: whole rounds eight lanes at a time
+/// where T loads eight (float, double, bfloat16), else one at a time, then the tail
+/// (add_plane_rounds, add_plane_tail).
+template <std::int64_t Lanes, class T, std::size_t Sums, class Prepare, class Body>
+BN_CONVERT_INLINE void add_plane_lanes(std::int64_t i, std::int64_t length, double* const (&sums)[Sums],
+                                       Prepare&& prepare, Body&& body) {
+#if defined(BATCHNORM_CPU_EIGHT)
+  if constexpr (loads_eight<T> && Lanes % 8 == 0)
+    i = with_eight_loads([&](auto load) { return add_plane_rounds<Lanes, double8>(i, length, sums, load, prepare, body); });
+#endif
+  i = add_plane_rounds<Lanes, double>(i, length, sums, ScalarLoads{}, prepare, body);
+  add_plane_tail(i, length, sums, prepare, body);
+}
 
 /// acc[i mod Lanes] += x[i] − center (or its square), over @p length values (lanes restart at x).
 template <bool Square, std::int64_t Lanes, class T>
 void add_plane_deviations(const T* __restrict x, std::int64_t length, double center, double* __restrict acc) {
-  using conv = convert<T>;
-  auto term = [center](double v) {
-    const double d = v - center;
-    if constexpr (Square) return d * d;
-    else return d;
-  };
   // The first pass reads from memory: ahead, into the planes that follow (short runs belong to
   // small tensors, which stay in the caches).
   const bool ahead = !Square && prefetches(length, sizeof(T));
-  std::int64_t i = 0;
-#if defined(BATCHNORM_CPU_EIGHT)
-  // Float, double and bfloat16: the lanes as eight-value vectors held in registers, the loads by
-  // with_eight_loads; the same terms in the same order per lane.
-  if constexpr (loads_eight<T> && Lanes % 8 == 0) {
-    with_eight_loads([&](auto load) {
-      double8 lanes[Lanes / 8];
-      for (std::int64_t k = 0; k < Lanes / 8; ++k) load8(acc + 8 * k, lanes[k]);
-      for (; i + Lanes <= length; i += Lanes) {
-        if (ahead) prefetch_ahead(x + i, Lanes);
-        for (std::int64_t k = 0; k < Lanes / 8; ++k) {
-          double8 d;
-          load(x + i + 8 * k, d);
-          d -= center;
-          if constexpr (Square) d *= d;
-          lanes[k] += d;
-        }
-      }
-      for (std::int64_t k = 0; k < Lanes / 8; ++k) store8(acc + 8 * k, lanes[k]);
-    });
-  }
-#endif
-  for (; i + Lanes <= length; i += Lanes) {
-    if (ahead) prefetch_ahead(x + i, Lanes);
-    for (std::int64_t j = 0; j < Lanes; ++j) acc[j] += term(conv::to_double(x[i + j]));
-  }
-  for (std::int64_t j = 0; i + j < length; ++j) acc[j] += term(conv::to_double(x[i + j]));
+  double* const sums[] = {acc};
+  add_plane_lanes<Lanes, T>(
+      0, length, sums,
+      [&](std::int64_t p, std::int64_t count) {
+        if (ahead) prefetch_ahead(x + p, count);
+      },
+      [&](auto load, auto& lanes, std::int64_t p) {
+        std::remove_reference_t<decltype(lanes[0])> d;
+        load(x + p, d);
+        d -= center;
+        if constexpr (Square) d *= d;
+        lanes[0] += d;
+      });
+}
+
+/// Adds d = v − center to sum[0] and d² to sum[1] for the values at @p v (one or eight, as the
+/// V of @p sum): the single-pass statistics' terms (widen_adding_sums).
+template <class Load, class V>
+BN_CONVERT_INLINE void add_deviation_and_square(Load load, const float* v, double center, V (&sum)[2]) {
+  V d;
+  load(v, d);
+  d -= center;
+  sum[0] += d;
+  sum[1] += d * d;
 }
 
 /// wide[i] = x[i] widened to float (exact: half types), and, with d = x[i] − center,
 /// acc[i mod Lanes] += d as add_plane_deviations<false, Lanes> adds it and square[i mod Lanes]
-/// += d² (lanes restart at x). Half values with @p conversion's instructions are widened a block
-/// at a time (float_route.hpp), each block's terms added right after, while it is in L1: the
-/// whole run widened first (32 KiB of floats besides its 16 KiB of halves, L1 being 48 KiB) and
-/// then added took 1.1–1.2× as long (half (8, 256, 56, 56) training forward, harness).
+/// += d² (lanes restart at x), both summed from @p wide with the eight-value loads. Half values
+/// with @p conversion's instructions are widened a block at a time (float_route.hpp), each
+/// block's terms added right after, while it is in L1: the whole run widened first (32 KiB of
+/// floats besides its 16 KiB of halves, L1 being 48 KiB) and then added took 1.1–1.2× as long
+/// (half (8, 256, 56, 56) training forward, harness). Other values are widened a round at a time.
 template <std::int64_t Lanes, class T>
 void widen_adding_sums(const T* __restrict x, std::int64_t length, double center, float* __restrict wide,
                        double* __restrict acc, double* __restrict square, HalfConversion conversion) {
   using Format = typename convert<T>::format;
   static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
   const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
-  auto add = [&](std::int64_t i, std::int64_t j) {
-    const double d = static_cast<double>(wide[i]) - center;
-    acc[j] += d;
-    square[j] += d * d;
-  };
-  auto step = [&](std::int64_t i, std::int64_t j) {
-    wide[i] = Format::widen(bits_of(x + i));
-    add(i, j);
-  };
+  double* const sums[] = {acc, square};
+  auto add = [&](auto load, auto& lanes, std::int64_t p) { add_deviation_and_square(load, wide + p, center, lanes); };
   std::int64_t i = 0;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   if (takes_half_instructions<T>(conversion)) {
     // Whole blocks by the conversion instructions, each added while it is in L1
     i = with_half_instructions(conversion, [&](auto widen, auto) {
-      std::int64_t b = 0;
-      for (; b + float_route_block <= length; b += float_route_block) {
-        if (ahead) prefetch_ahead(x + b, float_route_block);
-        widen(x + b, wide + b);
-        for (std::int64_t k = b; k < b + float_route_block; k += Lanes)
-          for (std::int64_t j = 0; j < Lanes; ++j) add(k + j, j);
-      }
-      return b;
+      auto widen_block = [&](std::int64_t p, std::int64_t) {
+        if (p % float_route_block != 0) return;
+        if (ahead) prefetch_ahead(x + p, float_route_block);
+        widen(x + p, wide + p);
+      };
+      return with_eight_loads([&](auto load) {
+        return add_plane_rounds<Lanes, double8>(0, length / float_route_block * float_route_block, sums, load,
+                                                widen_block, add);
+      });
     });
   }
 #endif
   (void)conversion;
-  for (; i + Lanes <= length; i += Lanes) {
-    if (ahead) prefetch_ahead(x + i, Lanes);
-    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
-  }
-  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
+  // The rest a round at a time (bfloat16's conversion is a shift), the floats then summed as
+  // floats (loads_eight)
+  add_plane_lanes<Lanes, float>(
+      i, length, sums,
+      [&](std::int64_t p, std::int64_t count) {
+        if (ahead) prefetch_ahead(x + p, count);
+        for (std::int64_t j = p; j < p + count; ++j) wide[j] = Format::widen(bits_of(x + j));
+      },
+      add);
 }
 
 /// v ← act((v − mean)·scale + bias [+ residual]), for one value (V = double) or eight (double8).
@@ -713,28 +797,42 @@ inline double upstream(const T* dy, const T* y, std::int64_t i) {
   else return g;
 }
 
+/// Adds g (dy, masked by relu_backward from y where Relu), g·(x − mean) and x − mean to sum[0],
+/// sum[1] and sum[2] for the values at @p x, @p dy and @p y (one or eight, as the V of @p sum):
+/// the plane gradient sums' terms (add_plane_gradient_sums).
+template <bool Relu, class Load, class T, class V>
+BN_CONVERT_INLINE void add_gradient_terms(Load load, const T* x, const T* dy, const T* y, double mean, V (&sum)[3]) {
+  V g, d;
+  load(dy, g);
+  if constexpr (Relu) {
+    V yv;
+    load(y, yv);
+    apply_relu_backward(g, yv);
+  }
+  load(x, d);
+  d -= mean;
+  sum[0] += g;
+  sum[1] += g * d;
+  sum[2] += d;
+}
+
 /// Lanes of Σg, Σg·(x − mean), Σ(x − mean) (g the upstream gradient), one mean. Half values with
 /// @p conversion's instructions are widened a block at a time (float_route.hpp), each block's
-/// terms added right after (the same terms: the widening is exact); the software conversion of
-/// each value took about two thirds of half backward (perf, harness).
+/// terms added right after from the floats (the same terms: the widening is exact); the software
+/// conversion of each value took about two thirds of half backward (perf, harness).
 template <bool Relu, std::int64_t Lanes, class T>
 void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
                              std::int64_t length, double mean, double* __restrict s_dy, double* __restrict s_dy_xmu,
                              double* __restrict s_xmu, HalfConversion conversion) {
-  using conv = convert<T>;
   static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
-  auto add = [&](double g, double xmu, std::int64_t j) {
-    s_dy[j] += g;
-    s_dy_xmu[j] += g * xmu;
-    s_xmu[j] += xmu;
-  };
-  auto step = [&](std::int64_t i, std::int64_t j) { add(upstream<Relu>(dy, y, i), conv::to_double(x[i]) - mean, j); };
   const bool ahead = prefetches(length, sizeof(T));  // backward's first reads (as add_plane_deviations)
-  auto prefetch = [&](std::int64_t i, std::int64_t count) {
-    prefetch_ahead(x + i, count);
-    prefetch_ahead(dy + i, count);
-    if constexpr (Relu) prefetch_ahead(y + i, count);
+  auto prefetch = [&](std::int64_t p, std::int64_t count) {
+    if (!ahead) return;
+    prefetch_ahead(x + p, count);
+    prefetch_ahead(dy + p, count);
+    if constexpr (Relu) prefetch_ahead(y + p, count);
   };
+  double* const sums[] = {s_dy, s_dy_xmu, s_xmu};
   std::int64_t i = 0;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   if constexpr (has_float_route<T>) {
@@ -742,67 +840,27 @@ void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, cons
       i = with_half_instructions(conversion, [&](auto widen, auto) {
         constexpr std::int64_t B = float_route_block;
         alignas(64) float xf[B], gf[B], yf[Relu ? B : 1];
-        std::int64_t b = 0;
-        for (; b + B <= length; b += B) {
-          if (ahead) prefetch(b, B);
-          widen(x + b, xf);
-          widen(dy + b, gf);
-          if constexpr (Relu) widen(y + b, yf);
-          for (std::int64_t k = 0; k < B; k += Lanes)
-            for (std::int64_t j = 0; j < Lanes; ++j) {
-              double g = gf[k + j];
-              if constexpr (Relu) g = relu_backward(g, static_cast<double>(yf[k + j]));
-              add(g, static_cast<double>(xf[k + j]) - mean, j);
-            }
-        }
-        return b;
+        auto widen_block = [&](std::int64_t p, std::int64_t) {
+          if (p % B != 0) return;
+          prefetch(p, B);
+          widen(x + p, xf);
+          widen(dy + p, gf);
+          if constexpr (Relu) widen(y + p, yf);
+        };
+        // Position p's floats are at p mod B: rounds never cross a block (B % Lanes == 0)
+        auto add = [&](auto load, auto& lanes, std::int64_t p) {
+          add_gradient_terms<Relu>(load, xf + p % B, gf + p % B, yf + (Relu ? p % B : 0), mean, lanes);
+        };
+        return with_eight_loads(
+            [&](auto load) { return add_plane_rounds<Lanes, double8>(0, length / B * B, sums, load, widen_block, add); });
       });
     }
   }
 #endif
   (void)conversion;
-#if defined(BATCHNORM_CPU_EIGHT)
-  // Float, double and bfloat16: the three sums' lanes as eight-value vectors held in registers
-  // (as add_plane_deviations)
-  if constexpr (loads_eight<T> && Lanes % 8 == 0) {
-    with_eight_loads([&](auto load) {
-      constexpr std::int64_t vectors = Lanes / 8;
-      double8 a[vectors], b[vectors], c[vectors];
-      for (std::int64_t k = 0; k < vectors; ++k) {
-        load8(s_dy + 8 * k, a[k]);
-        load8(s_dy_xmu + 8 * k, b[k]);
-        load8(s_xmu + 8 * k, c[k]);
-      }
-      for (; i + Lanes <= length; i += Lanes) {
-        if (ahead) prefetch(i, Lanes);
-        for (std::int64_t k = 0; k < vectors; ++k) {
-          double8 g, d;
-          load(dy + i + 8 * k, g);
-          if constexpr (Relu) {
-            double8 yv;
-            load(y + i + 8 * k, yv);
-            apply_relu_backward(g, yv);
-          }
-          load(x + i + 8 * k, d);
-          d -= mean;
-          a[k] += g;
-          b[k] += g * d;
-          c[k] += d;
-        }
-      }
-      for (std::int64_t k = 0; k < vectors; ++k) {
-        store8(s_dy + 8 * k, a[k]);
-        store8(s_dy_xmu + 8 * k, b[k]);
-        store8(s_xmu + 8 * k, c[k]);
-      }
-    });
-  }
-#endif
-  for (; i + Lanes <= length; i += Lanes) {
-    if (ahead) prefetch(i, Lanes);
-    for (std::int64_t j = 0; j < Lanes; ++j) step(i + j, j);
-  }
-  for (std::int64_t j = 0; i + j < length; ++j) step(i + j, j);
+  add_plane_lanes<Lanes, T>(i, length, sums, prefetch, [&](auto load, auto& lanes, std::int64_t p) {
+    add_gradient_terms<Relu>(load, x + p, dy + p, Relu ? y + p : y, mean, lanes);
+  });
 }
 
 /// Sum of the @p Lanes lanes of a plane reduction, pairwise in a fixed order.
@@ -828,7 +886,7 @@ void for_lane_rows(std::int64_t rows, std::int64_t W, std::int64_t group, F&& f)
 }
 
 /// Rows passes over tensors of more than this many bytes of x (8 MiB) take the streaming loops
-/// (for_eight_lanes, and the one_row reductions) when their rows are at most streaming_max_lanes
+/// (for_lane_blocks, and the one_row reductions) when their rows are at most streaming_max_lanes
 /// wide: x then comes from memory rather than from the caches. Tests lower it to run those loops
 /// on small tensors. The element-wise streaming loops give the same bits as the in-cache ones;
 /// the streaming reductions sum in another order.
@@ -862,21 +920,6 @@ struct LaneBlock {
   static constexpr std::int64_t rows = Rows;
 };
 
-/// One value read as a double: the counterpart of the eight-value loads for the lanes a rows
-/// loop does one at a time.
-struct ScalarLoads {
-  template <class T>
-  BN_CONVERT_INLINE void operator()(const T* p, double& v) const {
-    v = convert<T>::to_double(*p);
-  }
-};
-
-/// One value to @p p, rounded to T as static_cast does (store8's counterpart).
-template <class T>
-BN_CONVERT_INLINE void store_lanes(T* p, const double& v) {
-  *p = convert<T>::from_double(v);
-}
-
 /// acc += the sum of a block's rows' values @p v, in the four-row loops' order:
 /// (v0 + v1) + (v2 + v3) for four rows, v0 for one.
 template <class V, std::size_t Rows>
@@ -886,20 +929,15 @@ BN_CONVERT_INLINE void add_rows(V& acc, const V (&v)[Rows]) {
   else acc += (v[0] + v[1]) + (v[2] + v[3]);
 }
 
-#if defined(BATCHNORM_CPU_EIGHT)
-/// Eight values to @p p (store8), for a body written for both widths (LaneBlock).
-template <class T>
-BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
-  store8(p, v);
-}
-
 /**
- * @brief The rows loop of float and double tensors (and of bfloat16 in the reductions, which
- *        store no T): rows [first, rows) in blocks of Rows rows, eight lanes at a time. For the
- *        rows [r, r + Rows), body(load, LaneBlock<double8, Rows>{}, r, j) computes lanes
- *        [j, j + 8) with the eight-value loads @p load (PortableEightLoads or Avx512EightLoads),
- *        and body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j) lane j, for the lanes after
- *        the last eight. Returns the first row it did not do (fewer than Rows rows are left).
+ * @brief The rows loop: rows [first, rows) in blocks of Rows rows. For the rows [r, r + Rows),
+ *        body(load, LaneBlock<double8, Rows>{}, r, j) computes lanes [j, j + 8) with the
+ *        eight-value loads @p load (PortableEightLoads or Avx512EightLoads: float and double
+ *        tensors, and bfloat16 in the reductions, which store no T), and
+ *        body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j) lane j, for the lanes after the
+ *        last eight, or for every lane where @p load is ScalarLoads (the other types, and every
+ *        type where the compiler has no GCC vectors). Returns the first row it did not do (fewer
+ *        than Rows rows are left).
  *
  * One body for the vector lanes and the lanes left over, so both compute one formula, written
  * once per loop. Rows rows_at_once, for rows in cache: a load of the lanes' coefficients (or
@@ -913,24 +951,32 @@ BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
  * the same bits for any block; the sums add each block's rows in add_rows' order.
  */
 template <std::int64_t Rows, class Load, class Body>
-std::int64_t for_eight_lanes(std::int64_t first, std::int64_t rows, std::int64_t width, Load load, Body&& body) {
-  const std::int64_t eights_end = width / 8 * 8;
+std::int64_t for_lane_blocks(std::int64_t first, std::int64_t rows, std::int64_t width, Load load, Body&& body) {
+#if defined(BATCHNORM_CPU_EIGHT)
+  constexpr bool eight_at_once = !std::is_same_v<Load, ScalarLoads>;
+#else
+  constexpr bool eight_at_once = false;  // load is ScalarLoads
+  (void)load;
+#endif
+  const std::int64_t eights_end = eight_at_once ? width / 8 * 8 : 0;
   std::int64_t r = first;
   for (; r + Rows <= rows; r += Rows) {
-    for (std::int64_t j = 0; j < eights_end; j += 8) body(load, LaneBlock<double8, Rows>{}, r, j);
+#if defined(BATCHNORM_CPU_EIGHT)
+    if constexpr (eight_at_once)
+      for (std::int64_t j = 0; j < eights_end; j += 8) body(load, LaneBlock<double8, Rows>{}, r, j);
+#endif
     for (std::int64_t j = eights_end; j < width; ++j) body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j);
   }
   return r;
 }
 
-/// Rows [0, rows) by for_eight_lanes: one row at a time where @p one_row, else rows_at_once at a
+/// Rows [0, rows) by for_lane_blocks: one row at a time where @p one_row, else rows_at_once at a
 /// time and the rows left over one at a time.
 template <class Load, class Body>
-void for_eight_lane_rows(std::int64_t rows, std::int64_t width, bool one_row, Load load, Body&& body) {
-  const std::int64_t r = one_row ? 0 : for_eight_lanes<rows_at_once>(0, rows, width, load, body);
-  for_eight_lanes<1>(r, rows, width, load, body);
+void for_lane_block_rows(std::int64_t rows, std::int64_t width, bool one_row, Load load, Body&& body) {
+  const std::int64_t r = one_row ? 0 : for_lane_blocks<rows_at_once>(0, rows, width, load, body);
+  for_lane_blocks<1>(r, rows, width, load, body);
 }
-#endif
 
 /// @p n 16-bit values at @p in as floats at @p out (exact): half by the conversion instructions
 /// where the processor has them (@p conversion), else by convert<T> (bfloat16: a shift).
@@ -972,13 +1018,12 @@ void for_widened_rows(std::int64_t rows, std::int64_t width, std::int64_t stride
 /// sum[j] += Σ_r (x[r][j] − center[j]) and square_sum[j] += Σ_r (x[r][j] − center[j])², both in
 /// one read (row_block_moments: its single pass, and its two passes where that cancels).
 /// @p one_row: a row at a time (tensors that stream from memory: one sequential stream instead
-/// of four interleaved); otherwise four rows at once (for_eight_lanes). The two sum in different
+/// of four interleaved); otherwise four rows at once (for_lane_blocks). The two sum in different
 /// orders.
 template <class T>
 void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, std::int64_t stride,
                   const double* __restrict center, double* __restrict sum, double* __restrict square_sum,
                   bool one_row) {
-  using conv = convert<T>;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   // Half with the conversion instructions: widened, in the four-row order (one_row is for the
   // eight-value loads' streams). Harness, half NHWC (8, 256, 56, 56) training forward, 1 thread: see
@@ -996,52 +1041,33 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
     }
   }
 #endif
+  auto sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
+    using Block = decltype(block);
+    using V = typename Block::type;
+    V c, d[Block::rows], squares[Block::rows], s, q;
+    load(center + j, c);
+    for (std::int64_t k = 0; k < Block::rows; ++k) {
+      load(x + (r + k) * stride + j, d[k]);
+      d[k] -= c;
+      squares[k] = d[k] * d[k];
+    }
+    load(sum + j, s);
+    load(square_sum + j, q);
+    add_rows(s, d);
+    add_rows(q, squares);
+    store_lanes(sum + j, s);
+    store_lanes(square_sum + j, q);
+  };
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // float, double, bfloat16
-    auto sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
-      using Block = decltype(block);
-      using V = typename Block::type;
-      V c, d[Block::rows], squares[Block::rows], s, q;
-      load(center + j, c);
-      for (std::int64_t k = 0; k < Block::rows; ++k) {
-        load(x + (r + k) * stride + j, d[k]);
-        d[k] -= c;
-        squares[k] = d[k] * d[k];
-      }
-      load(sum + j, s);
-      load(square_sum + j, q);
-      add_rows(s, d);
-      add_rows(q, squares);
-      store_lanes(sum + j, s);
-      store_lanes(square_sum + j, q);
-    };
-    with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, one_row, load, sums_block); });
+    with_eight_loads([&](auto load) { for_lane_block_rows(rows, width, one_row, load, sums_block); });
     return;
   }
 #endif
-  // Half without the conversion instructions, and every type without GCC vectors: four rows at
-  // once in the order of add_rows (GCC vectorizes the loop; the rows ignore one_row).
+  // Half without the conversion instructions, and every type without GCC vectors: a lane at a
+  // time, four rows at once (the rows ignore one_row; the conversion dominates).
   (void)one_row;
-  std::int64_t r = 0;
-  for (; r + rows_at_once <= rows; r += rows_at_once) {
-    const T* __restrict x0 = x + r * stride;
-    const T* __restrict x1 = x0 + stride;
-    const T* __restrict x2 = x1 + stride;
-    const T* __restrict x3 = x2 + stride;
-    for (std::int64_t j = 0; j < width; ++j) {
-      const double c = center[j];
-      const double d0 = conv::to_double(x0[j]) - c, d1 = conv::to_double(x1[j]) - c;
-      const double d2 = conv::to_double(x2[j]) - c, d3 = conv::to_double(x3[j]) - c;
-      sum[j] += (d0 + d1) + (d2 + d3);
-      square_sum[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-    }
-  }
-  for (; r < rows; ++r)
-    for (std::int64_t j = 0; j < width; ++j) {
-      const double d = conv::to_double(x[r * stride + j]) - center[j];
-      sum[j] += d;
-      square_sum[j] += d * d;
-    }
+  for_lane_block_rows(rows, width, false, ScalarLoads{}, sums_block);
 }
 
 /// Lanes of Σg, Σg·(x − mean), Σ(x − mean) over rows (g the upstream gradient). @p one_row: a
@@ -1052,8 +1078,6 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
                            std::int64_t width, std::int64_t stride, const double* __restrict mean,
                            double* __restrict s_dy, double* __restrict s_dy_xmu, double* __restrict s_xmu,
                            bool one_row) {
-  using conv = convert<T>;
-  static_assert(rows_at_once == 4, "the loop below is written out for four rows");
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   // Half with the conversion instructions: widened, in the four-row order (as add_row_sums)
   if constexpr (has_float_route<T>) {
@@ -1069,65 +1093,42 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
     }
   }
 #endif
+  auto gradient_sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
+    using Block = decltype(block);
+    using V = typename Block::type;
+    V m, g[Block::rows], d[Block::rows], gd[Block::rows], a, b, c;
+    load(mean + j, m);
+    for (std::int64_t k = 0; k < Block::rows; ++k) {
+      const std::int64_t i = (r + k) * stride + j;
+      load(dy + i, g[k]);
+      if constexpr (Relu) {
+        V yv;
+        load(y + i, yv);
+        apply_relu_backward(g[k], yv);
+      }
+      load(x + i, d[k]);
+      d[k] -= m;
+      gd[k] = g[k] * d[k];
+    }
+    load(s_dy + j, a);
+    load(s_dy_xmu + j, b);
+    load(s_xmu + j, c);
+    add_rows(a, g);
+    add_rows(b, gd);
+    add_rows(c, d);
+    store_lanes(s_dy + j, a);
+    store_lanes(s_dy_xmu + j, b);
+    store_lanes(s_xmu + j, c);
+  };
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // float, double, bfloat16
-    auto gradient_sums_block = [&](auto load, auto block, std::int64_t r, std::int64_t j) {
-      using Block = decltype(block);
-      using V = typename Block::type;
-      V m, g[Block::rows], d[Block::rows], gd[Block::rows], a, b, c;
-      load(mean + j, m);
-      for (std::int64_t k = 0; k < Block::rows; ++k) {
-        const std::int64_t i = (r + k) * stride + j;
-        load(dy + i, g[k]);
-        if constexpr (Relu) {
-          V yv;
-          load(y + i, yv);
-          apply_relu_backward(g[k], yv);
-        }
-        load(x + i, d[k]);
-        d[k] -= m;
-        gd[k] = g[k] * d[k];
-      }
-      load(s_dy + j, a);
-      load(s_dy_xmu + j, b);
-      load(s_xmu + j, c);
-      add_rows(a, g);
-      add_rows(b, gd);
-      add_rows(c, d);
-      store_lanes(s_dy + j, a);
-      store_lanes(s_dy_xmu + j, b);
-      store_lanes(s_xmu + j, c);
-    };
-    with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, one_row, load, gradient_sums_block); });
+    with_eight_loads([&](auto load) { for_lane_block_rows(rows, width, one_row, load, gradient_sums_block); });
     return;
   }
 #endif
-  // Half without the conversion instructions, and every type without GCC vectors: four rows at
-  // once in the order of add_rows, as add_row_sums
+  // Half without the conversion instructions, and every type without GCC vectors, as add_row_sums
   (void)one_row;
-  std::int64_t r = 0;
-  for (; r + rows_at_once <= rows; r += rows_at_once) {
-    const std::int64_t o0 = r * stride, o1 = o0 + stride, o2 = o1 + stride, o3 = o2 + stride;
-    for (std::int64_t j = 0; j < width; ++j) {
-      const double m = mean[j];
-      const double g0 = upstream<Relu>(dy, y, o0 + j), g1 = upstream<Relu>(dy, y, o1 + j);
-      const double g2 = upstream<Relu>(dy, y, o2 + j), g3 = upstream<Relu>(dy, y, o3 + j);
-      const double d0 = conv::to_double(x[o0 + j]) - m, d1 = conv::to_double(x[o1 + j]) - m;
-      const double d2 = conv::to_double(x[o2 + j]) - m, d3 = conv::to_double(x[o3 + j]) - m;
-      s_dy[j] += (g0 + g1) + (g2 + g3);
-      s_dy_xmu[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3);
-      s_xmu[j] += (d0 + d1) + (d2 + d3);
-    }
-  }
-  for (; r < rows; ++r)
-    for (std::int64_t j = 0; j < width; ++j) {
-      const std::int64_t i = r * stride + j;
-      const double g = upstream<Relu>(dy, y, i);
-      const double xmu = conv::to_double(x[i]) - mean[j];
-      s_dy[j] += g;
-      s_dy_xmu[j] += g * xmu;
-      s_xmu[j] += xmu;
-    }
+  for_lane_block_rows(rows, width, false, ScalarLoads{}, gradient_sums_block);
 }
 
 /// y[i] = act((x[i] − mean)·scale + bias [+ residual[i]]).
@@ -1141,7 +1142,7 @@ inline void normalize_at(const T* x, const T* residual, T* y, std::int64_t i, do
 }
 
 /// The four-row loop of normalize_rows for distinct buffers of 16-bit types (float and double
-/// take for_eight_lanes where the compiler has GCC vectors); returns the rows it did.
+/// take for_lane_blocks where the compiler has GCC vectors); returns the rows it did.
 template <bool Residual, bool Relu, class T>
 std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict residual, T* __restrict y,
                                      std::int64_t rows, std::int64_t width, std::int64_t stride,
@@ -1165,7 +1166,7 @@ std::int64_t normalize_rows_distinct(const T* __restrict x, const T* __restrict 
 /// y = act((x − mean)·scale + bias [+ residual]) over rows, coefficients per lane. y may be x or
 /// residual (in place: float and double as usual, each element read before it is written;
 /// 16-bit types then one row at a time). @p streaming: the tensor is larger than the caches (see
-/// for_eight_lanes).
+/// for_lane_blocks).
 /// Half types without residual take the float route row by row when every lane's coefficients
 /// fit it (@p routes.usable: float_route.hpp, the same bits).
 template <bool Residual, bool Relu, class T>
@@ -1222,8 +1223,8 @@ void normalize_rows(const T* x, const T* residual, T* y, std::int64_t rows, std:
       }
     };
     // Streaming: load8, as the loop waits on memory (with_eight_loads' note)
-    if (streaming) for_eight_lane_rows(rows, width, true, PortableEightLoads{}, normalize_block);
-    else with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, false, load, normalize_block); });
+    if (streaming) for_lane_block_rows(rows, width, true, PortableEightLoads{}, normalize_block);
+    else with_eight_loads([&](auto load) { for_lane_block_rows(rows, width, false, load, normalize_block); });
     return;
   }
 #endif
@@ -1785,7 +1786,7 @@ void input_gradient_run(const T* x, const T* dy, const T* y, T* dx, T* dresidual
 }
 
 /// The four-row loop of input_gradient_rows for distinct buffers of 16-bit types (float and
-/// double take for_eight_lanes where the compiler has GCC vectors); returns the rows it did.
+/// double take for_lane_blocks where the compiler has GCC vectors); returns the rows it did.
 template <bool Relu, bool Dx, bool Dres, bool Training, class T>
 std::int64_t input_gradient_rows_distinct(const T* __restrict x, const T* __restrict dy, const T* __restrict y,
                                           T* __restrict dx, T* __restrict dresidual, std::int64_t rows,
@@ -1871,8 +1872,8 @@ void input_gradient_rows(const T* x, const T* dy, const T* y, T* dx, T* dresidua
       }
     };
     // Streaming: load8, as normalize_rows
-    if (streaming) for_eight_lane_rows(rows, width, true, PortableEightLoads{}, gradient_block);
-    else with_eight_loads([&](auto load) { for_eight_lane_rows(rows, width, false, load, gradient_block); });
+    if (streaming) for_lane_block_rows(rows, width, true, PortableEightLoads{}, gradient_block);
+    else with_eight_loads([&](auto load) { for_lane_block_rows(rows, width, false, load, gradient_block); });
     return;
   }
 #endif
