@@ -633,7 +633,51 @@ BN_CONVERT_INLINE void load_lanes(const double* p, double& v) { v = *p; }
 BN_CONVERT_INLINE void load_lanes(const double* p, double8& v) { load8(p, v); }
 #endif
 
+/// The values one call of a load gives: eight (double8) for the eight-value loads, one (double)
+/// for ScalarLoads.
+template <class Load>
+struct loaded {
+#if defined(BATCHNORM_CPU_EIGHT)
+  using type = double8;
+#endif
+};
+template <>
+struct loaded<ScalarLoads> {
+  using type = double;
+};
+
+/**
+ * @brief f(load) with the loads of the reductions (the plane loops, add_row_sums,
+ *        add_row_gradient_sums): Avx512EightLoads (lanes as double8) in the AVX-512 version of
+ *        the loops (or a build for AVX-512), else ScalarLoads (lanes as doubles, which GCC
+ *        vectorizes).
+ *
+ * A plane loop holds Lanes accumulators per sum, 32 to 64 doubles in all, and a four-row block
+ * of the rows sums 10 to 17 vectors: within AVX-512's 32 vector registers, but not AVX2's 16 (a
+ * double8 is two of them), where the double8 loops spilled to the stack. 1 thread,
+ * BATCHNORM_CPU_ISA=avx2, GCC's vectorization against double8: float NCHW (8, 256, 56, 56)
+ * training forward 4.8–5.1 ms against 8.9–9.6, backward 5.1–5.7 against 10.0–10.2; bfloat16
+ * NHWC training forward 4.9 against 8.1 (benchmarks/README, round nineteen).
+ */
+template <class F>
+BN_CONVERT_INLINE decltype(auto) with_reduction_loads(F&& f) {
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(Isa::avx512)) return f(Avx512EightLoads{});
+#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
+  return f(Avx512EightLoads{});
+#endif
+  return f(ScalarLoads{});
+}
+
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
+
+/// Lane k of each of Sums sums held as acc[s][k]: column[s] is sum s's lane (add_plane_rounds).
+template <class V, std::size_t Sums, std::int64_t Vectors>
+struct LaneColumn {
+  V (&acc)[Sums][Vectors];
+  std::int64_t k;
+  BN_CONVERT_INLINE V& operator[](std::size_t s) const { return acc[s][k]; }
+};
 
 /**
  * @brief The whole rounds of a plane loop from position @p i to at most @p end: Sums sums of
@@ -641,30 +685,33 @@ BN_CONVERT_INLINE void load_lanes(const double* p, double8& v) { load8(p, v); }
  *        Lanes (counted from the run's start), in order. Returns the first position it did not
  *        do (fewer than Lanes are left).
  *
- * The lanes are held in local variables of type V (registers, where they fit): Lanes / 8 double8
- * vectors per sum with the eight-value loads @p load (with_eight_loads), or Lanes doubles with
- * ScalarLoads. Before each round,
- * @p prepare(p, Lanes) (prefetch, or widen the round's values); then, for each V of the round at
- * position p, body(load, acc, p) adds the terms of positions [p, p + width of V) to acc[s], the V
- * of sum s. One body serves both widths and the tail (add_plane_tail), so a plane loop's formula
- * is written once; each lane adds the same terms in the same order at either width.
+ * The lanes are held in local variables of type V = loaded<Load>: Lanes / 8 double8 vectors per
+ * sum with an eight-value load (with_reduction_loads: under AVX-512, in registers), or Lanes
+ * doubles with ScalarLoads (GCC vectorizes the round). Before each round, @p prepare(p, Lanes)
+ * (prefetch, or widen the round's values); then, for each V of the round at position p,
+ * body(load, lanes, p) adds the terms of positions [p, p + width of V) to lanes[s], the V of sum
+ * s (a LaneColumn). One body serves both widths and the tail (add_plane_tail), so a plane loop's
+ * formula is written once; each lane adds the same terms in the same order at either width.
  */
-template <std::int64_t Lanes, class V, std::size_t Sums, class Load, class Prepare, class Body>
+template <std::int64_t Lanes, std::size_t Sums, class Load, class Prepare, class Body>
 BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end, double* const (&sums)[Sums],
                                                 Load load, Prepare&& prepare, Body&& body) {
   if (i + Lanes > end) return i;  // a short run: no whole round, lanes untouched
+  using V = typename loaded<Load>::type;
   constexpr std::int64_t width = static_cast<std::int64_t>(sizeof(V) / sizeof(double));
   static_assert(Lanes % width == 0, "whole vectors per round");
   constexpr std::int64_t vectors = Lanes / width;
-  V acc[vectors][Sums];
-  for (std::int64_t k = 0; k < vectors; ++k)
-    for (std::size_t s = 0; s < Sums; ++s) load_lanes(sums[s] + width * k, acc[k][s]);
+  // One array per sum, so that lane k of a sum is next to lane k + 1 (GCC's vectorization of
+  // the doubles needs that; lanes interleaved sum by sum took twice the time, AVX2)
+  V acc[Sums][vectors];
+  for (std::size_t s = 0; s < Sums; ++s)
+    for (std::int64_t k = 0; k < vectors; ++k) load_lanes(sums[s] + width * k, acc[s][k]);
   for (; i + Lanes <= end; i += Lanes) {
     prepare(i, Lanes);
-    for (std::int64_t k = 0; k < vectors; ++k) body(load, acc[k], i + width * k);
+    for (std::int64_t k = 0; k < vectors; ++k) body(load, LaneColumn<V, Sums, vectors>{acc, k}, i + width * k);
   }
-  for (std::int64_t k = 0; k < vectors; ++k)
-    for (std::size_t s = 0; s < Sums; ++s) store_lanes(sums[s] + width * k, acc[k][s]);
+  for (std::size_t s = 0; s < Sums; ++s)
+    for (std::int64_t k = 0; k < vectors; ++k) store_lanes(sums[s] + width * k, acc[s][k]);
   return i;
 }
 
@@ -675,24 +722,22 @@ void add_plane_tail(std::int64_t i, std::int64_t end, double* const (&sums)[Sums
   if (i >= end) return;
   prepare(i, end - i);
   for (std::int64_t j = 0; i + j < end; ++j) {
-    double acc[Sums];
-    for (std::size_t s = 0; s < Sums; ++s) acc[s] = sums[s][j];
-    body(ScalarLoads{}, acc, i + j);
-    for (std::size_t s = 0; s < Sums; ++s) sums[s][j] = acc[s];
+    double acc[Sums][1];
+    for (std::size_t s = 0; s < Sums; ++s) acc[s][0] = sums[s][j];
+    body(ScalarLoads{}, LaneColumn<double, Sums, 1>{acc, 0}, i + j);
+    for (std::size_t s = 0; s < Sums; ++s) sums[s][j] = acc[s][0];
   }
 }
 
-/// A plane loop over positions [i, length) of values of T: whole rounds eight lanes at a time
-/// where T loads eight (float, double, bfloat16), else one at a time, then the tail
-/// (add_plane_rounds, add_plane_tail).
+/// A plane loop over positions [i, length) of values of T: whole rounds with the plane loops'
+/// loads where T loads eight (float, double, bfloat16: with_reduction_loads), else one lane at a
+/// time, then the tail (add_plane_rounds, add_plane_tail).
 template <std::int64_t Lanes, class T, std::size_t Sums, class Prepare, class Body>
 BN_CONVERT_INLINE void add_plane_lanes(std::int64_t i, std::int64_t length, double* const (&sums)[Sums],
                                        Prepare&& prepare, Body&& body) {
-#if defined(BATCHNORM_CPU_EIGHT)
-  if constexpr (loads_eight<T> && Lanes % 8 == 0)
-    i = with_eight_loads([&](auto load) { return add_plane_rounds<Lanes, double8>(i, length, sums, load, prepare, body); });
-#endif
-  i = add_plane_rounds<Lanes, double>(i, length, sums, ScalarLoads{}, prepare, body);
+  if constexpr (loads_eight<T>)
+    i = with_reduction_loads([&](auto load) { return add_plane_rounds<Lanes>(i, length, sums, load, prepare, body); });
+  i = add_plane_rounds<Lanes>(i, length, sums, ScalarLoads{}, prepare, body);  // (none left after the above)
   add_plane_tail(i, length, sums, prepare, body);
 }
 
@@ -708,7 +753,7 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
       [&](std::int64_t p, std::int64_t count) {
         if (ahead) prefetch_ahead(x + p, count);
       },
-      [&](auto load, auto& lanes, std::int64_t p) {
+      [&](auto load, const auto& lanes, std::int64_t p) {
         std::remove_reference_t<decltype(lanes[0])> d;
         load(x + p, d);
         d -= center;
@@ -719,9 +764,9 @@ void add_plane_deviations(const T* __restrict x, std::int64_t length, double cen
 
 /// Adds d = v − center to sum[0] and d² to sum[1] for the values at @p v (one or eight, as the
 /// V of @p sum): the single-pass statistics' terms (widen_adding_sums).
-template <class Load, class V>
-BN_CONVERT_INLINE void add_deviation_and_square(Load load, const float* v, double center, V (&sum)[2]) {
-  V d;
+template <class Load, class Sums>
+BN_CONVERT_INLINE void add_deviation_and_square(Load load, const float* v, double center, const Sums& sum) {
+  std::remove_reference_t<decltype(sum[0])> d;
   load(v, d);
   d -= center;
   sum[0] += d;
@@ -742,7 +787,7 @@ void widen_adding_sums(const T* __restrict x, std::int64_t length, double center
   static_assert(float_route_block % Lanes == 0, "whole lane rounds per widened block");
   const bool ahead = prefetches(length, sizeof(T));  // as add_plane_deviations' first pass
   double* const sums[] = {acc, square};
-  auto add = [&](auto load, auto& lanes, std::int64_t p) { add_deviation_and_square(load, wide + p, center, lanes); };
+  auto add = [&](auto load, const auto& lanes, std::int64_t p) { add_deviation_and_square(load, wide + p, center, lanes); };
   std::int64_t i = 0;
 #if defined(BATCHNORM_CPU_X86_TARGETS)
   if (takes_half_instructions<T>(conversion)) {
@@ -753,9 +798,9 @@ void widen_adding_sums(const T* __restrict x, std::int64_t length, double center
         if (ahead) prefetch_ahead(x + p, float_route_block);
         widen(x + p, wide + p);
       };
-      return with_eight_loads([&](auto load) {
-        return add_plane_rounds<Lanes, double8>(0, length / float_route_block * float_route_block, sums, load,
-                                                widen_block, add);
+      return with_reduction_loads([&](auto load) {
+        return add_plane_rounds<Lanes>(0, length / float_route_block * float_route_block, sums, load, widen_block,
+                                       add);
       });
     });
   }
@@ -800,8 +845,10 @@ inline double upstream(const T* dy, const T* y, std::int64_t i) {
 /// Adds g (dy, masked by relu_backward from y where Relu), g·(x − mean) and x − mean to sum[0],
 /// sum[1] and sum[2] for the values at @p x, @p dy and @p y (one or eight, as the V of @p sum):
 /// the plane gradient sums' terms (add_plane_gradient_sums).
-template <bool Relu, class Load, class T, class V>
-BN_CONVERT_INLINE void add_gradient_terms(Load load, const T* x, const T* dy, const T* y, double mean, V (&sum)[3]) {
+template <bool Relu, class Load, class T, class Sums>
+BN_CONVERT_INLINE void add_gradient_terms(Load load, const T* x, const T* dy, const T* y, double mean,
+                                          const Sums& sum) {
+  using V = std::remove_reference_t<decltype(sum[0])>;
   V g, d;
   load(dy, g);
   if constexpr (Relu) {
@@ -840,25 +887,27 @@ void add_plane_gradient_sums(const T* __restrict x, const T* __restrict dy, cons
       i = with_half_instructions(conversion, [&](auto widen, auto) {
         constexpr std::int64_t B = float_route_block;
         alignas(64) float xf[B], gf[B], yf[Relu ? B : 1];
+        std::int64_t block = 0;  // the position of xf[0]: rounds never cross a block (B % Lanes == 0)
         auto widen_block = [&](std::int64_t p, std::int64_t) {
           if (p % B != 0) return;
+          block = p;
           prefetch(p, B);
           widen(x + p, xf);
           widen(dy + p, gf);
           if constexpr (Relu) widen(y + p, yf);
         };
-        // Position p's floats are at p mod B: rounds never cross a block (B % Lanes == 0)
-        auto add = [&](auto load, auto& lanes, std::int64_t p) {
-          add_gradient_terms<Relu>(load, xf + p % B, gf + p % B, yf + (Relu ? p % B : 0), mean, lanes);
+        auto add = [&](auto load, const auto& lanes, std::int64_t p) {
+          const std::int64_t o = p - block;
+          add_gradient_terms<Relu>(load, xf + o, gf + o, yf + (Relu ? o : 0), mean, lanes);
         };
-        return with_eight_loads(
-            [&](auto load) { return add_plane_rounds<Lanes, double8>(0, length / B * B, sums, load, widen_block, add); });
+        return with_reduction_loads(
+            [&](auto load) { return add_plane_rounds<Lanes>(0, length / B * B, sums, load, widen_block, add); });
       });
     }
   }
 #endif
   (void)conversion;
-  add_plane_lanes<Lanes, T>(i, length, sums, prefetch, [&](auto load, auto& lanes, std::int64_t p) {
+  add_plane_lanes<Lanes, T>(i, length, sums, prefetch, [&](auto load, const auto& lanes, std::int64_t p) {
     add_gradient_terms<Relu>(load, x + p, dy + p, Relu ? y + p : y, mean, lanes);
   });
 }
@@ -1060,7 +1109,7 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
   };
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // float, double, bfloat16
-    with_eight_loads([&](auto load) { for_lane_block_rows(rows, width, one_row, load, sums_block); });
+    with_reduction_loads([&](auto load) { for_lane_block_rows(rows, width, one_row, load, sums_block); });
     return;
   }
 #endif
@@ -1122,7 +1171,7 @@ void add_row_gradient_sums(const T* __restrict x, const T* __restrict dy, const 
   };
 #if defined(BATCHNORM_CPU_EIGHT)
   if constexpr (loads_eight<T>) {  // float, double, bfloat16
-    with_eight_loads([&](auto load) { for_lane_block_rows(rows, width, one_row, load, gradient_sums_block); });
+    with_reduction_loads([&](auto load) { for_lane_block_rows(rows, width, one_row, load, gradient_sums_block); });
     return;
   }
 #endif
