@@ -475,8 +475,8 @@ inline constexpr bool widens_by_shift<T, std::void_t<typename convert<T>::format
 /**
  * Eight doubles as a GCC / clang vector: the rows loops (for_lane_blocks) and the plane loops
  * (add_plane_rounds) of float, double and (reductions only) bfloat16 tensors, and of the floats
- * that half values are widened to, are written with it (load8 / store8), so that eight values
- * are loaded and widened at once, where GCC's own vectorization of a scalar loop loads sixteen
+ * that half values are widened to, are written with it (load8 / store8; the reductions in the
+ * AVX-512 version only, with_reduction_loads), so that eight values are loaded and widened at once, where GCC's own vectorization of a scalar loop loads sixteen
  * floats at full width and splits them. The type is lowered to SSE2 pairs, AVX2 or AVX-512 by
  * the instruction set in use; each operation is the scalar IEEE one per lane, so an element-wise
  * loop gives the bits of the scalar formula.
@@ -578,10 +578,9 @@ struct Avx512EightLoads {
  * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
  * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
  * Both give the same values (widening a float or a bfloat16 to double is exact). Used where the
- * loads are part of the arithmetic's cost: the reductions (add_row_sums, add_row_gradient_sums,
- * and the plane loops: add_plane_deviations, add_plane_gradient_sums, widen_adding_sums, the
- * last two also over the floats that half values are widened to) and the four-row element-wise
- * loops of rows in cache (normalize_rows, input_gradient_rows). The
+ * loads are part of the arithmetic's cost: the four-row element-wise loops of rows in cache
+ * (normalize_rows, input_gradient_rows); the reductions take with_reduction_loads, which keeps
+ * the eight-value loads to the AVX-512 version. The
  * streaming element-wise loops wait on memory: the streaming normalize with these loads took no
  * less time on NHWC (8, 256, 56, 56) and 5 % more on (125000, 50) inference, so they keep load8
  * (benchmarks/README, round seventeen).
@@ -655,9 +654,10 @@ struct loaded<ScalarLoads> {
  * A plane loop holds Lanes accumulators per sum, 32 to 64 doubles in all, and a four-row block
  * of the rows sums 10 to 17 vectors: within AVX-512's 32 vector registers, but not AVX2's 16 (a
  * double8 is two of them), where the double8 loops spilled to the stack. 1 thread,
- * BATCHNORM_CPU_ISA=avx2, GCC's vectorization against double8: float NCHW (8, 256, 56, 56)
- * training forward 4.8–5.1 ms against 8.9–9.6, backward 5.1–5.7 against 10.0–10.2; bfloat16
- * NHWC training forward 4.9 against 8.1 (benchmarks/README, round nineteen).
+ * BATCHNORM_CPU_ISA=avx2, GCC's vectorization (round seventeen's loops) against double8 (round
+ * eighteen's): float NCHW (8, 256, 56, 56) training forward 4.8–5.3 ms against 8.9–9.6, backward
+ * 5.1–5.8 against 10.0–10.2; bfloat16 NHWC training forward 4.9–5.3 against 8.1
+ * (benchmarks/README, round nineteen).
  */
 template <class F>
 BN_CONVERT_INLINE decltype(auto) with_reduction_loads(F&& f) {
@@ -775,7 +775,7 @@ BN_CONVERT_INLINE void add_deviation_and_square(Load load, const float* v, doubl
 
 /// wide[i] = x[i] widened to float (exact: half types), and, with d = x[i] − center,
 /// acc[i mod Lanes] += d as add_plane_deviations<false, Lanes> adds it and square[i mod Lanes]
-/// += d² (lanes restart at x), both summed from @p wide with the eight-value loads. Half values
+/// += d² (lanes restart at x), both summed from @p wide (add_plane_rounds). Half values
 /// with @p conversion's instructions are widened a block at a time (float_route.hpp), each
 /// block's terms added right after, while it is in L1: the whole run widened first (32 KiB of
 /// floats besides its 16 KiB of halves, L1 being 48 KiB) and then added took 1.1–1.2× as long
@@ -806,8 +806,8 @@ void widen_adding_sums(const T* __restrict x, std::int64_t length, double center
   }
 #endif
   (void)conversion;
-  // The rest a round at a time (bfloat16's conversion is a shift), the floats then summed as
-  // floats (loads_eight)
+  // The rest widened a round at a time (bfloat16's conversion is a shift; half without the
+  // instructions by convert<T>), each round's floats then summed
   add_plane_lanes<Lanes, float>(
       i, length, sums,
       [&](std::int64_t p, std::int64_t count) {
@@ -984,8 +984,9 @@ BN_CONVERT_INLINE void add_rows(V& acc, const V (&v)[Rows]) {
  *        eight-value loads @p load (PortableEightLoads or Avx512EightLoads: float and double
  *        tensors, and bfloat16 in the reductions, which store no T), and
  *        body(ScalarLoads{}, LaneBlock<double, Rows>{}, r, j) lane j, for the lanes after the
- *        last eight, or for every lane where @p load is ScalarLoads (the other types, and every
- *        type where the compiler has no GCC vectors). Returns the first row it did not do (fewer
+ *        last eight, or for every lane where @p load is ScalarLoads (the other types, the
+ *        reductions outside the AVX-512 version (with_reduction_loads), and every type where
+ *        the compiler has no GCC vectors). Returns the first row it did not do (fewer
  *        than Rows rows are left).
  *
  * One body for the vector lanes and the lanes left over, so both compute one formula, written
@@ -1114,7 +1115,8 @@ void add_row_sums(const T* __restrict x, std::int64_t rows, std::int64_t width, 
   }
 #endif
   // Half without the conversion instructions, and every type without GCC vectors: a lane at a
-  // time, four rows at once (the rows ignore one_row; the conversion dominates).
+  // time, four rows at once (one_row is for the loads of float, double and bfloat16; half rows
+  // sum in the four-row order with or without the instructions).
   (void)one_row;
   for_lane_block_rows(rows, width, false, ScalarLoads{}, sums_block);
 }
