@@ -570,30 +570,6 @@ struct Avx512EightLoads {
 };
 #endif
 
-/**
- * @brief f(load) with the eight-value load of the instruction set in use: Avx512EightLoads in
- *        the AVX-512 version of the loops (or a build for AVX-512), else PortableEightLoads.
- *
- * A function cannot ask which target it is compiled for, so the choice is made at run time, once
- * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
- * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version first).
- * Both give the same values (widening a float or a bfloat16 to double is exact). Used where the
- * loads are part of the arithmetic's cost: the four-row element-wise loops of rows in cache
- * (normalize_rows, input_gradient_rows); the reductions take with_reduction_loads, which keeps
- * the eight-value loads to the AVX-512 version. The
- * streaming element-wise loops wait on memory: the streaming normalize with these loads took no
- * less time on NHWC (8, 256, 56, 56) and 5 % more on (125000, 50) inference, so they keep load8
- * (benchmarks/README, round seventeen).
- */
-template <class F>
-BN_CONVERT_INLINE decltype(auto) with_eight_loads(F&& f) {
-#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
-  if (isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(Isa::avx512)) return f(Avx512EightLoads{});
-#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
-  return f(Avx512EightLoads{});
-#endif
-  return f(PortableEightLoads{});
-}
 #else
 template <class T>
 inline constexpr bool loads_eight = false;
@@ -646,6 +622,46 @@ struct loaded<ScalarLoads> {
 };
 
 /**
+ * @brief f(Avx512EightLoads{}) in the AVX-512 version of the loops (or a build for AVX-512), else
+ *        f(Fallback{}): the one place where a loop's loads follow the instruction set in use
+ *        (with_eight_loads, with_reduction_loads).
+ *
+ * A function cannot ask which target it is compiled for, so the choice is made at run time, once
+ * per loop, like with_half_instructions: the AVX-512 loads inline into the AVX-512 version; the
+ * other versions hold a call to them that never runs (isa_in_use picks the AVX-512 version
+ * first). Every load gives the same values (widening a float or a bfloat16 to double is exact),
+ * so the choice changes the time only, never the bits.
+ */
+template <class Fallback, class F>
+BN_CONVERT_INLINE decltype(auto) with_avx512_loads_or(F&& f) {
+#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
+  if (isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(Isa::avx512)) return f(Avx512EightLoads{});
+#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
+  return f(Avx512EightLoads{});
+#endif
+  return f(Fallback{});
+}
+
+#if defined(BATCHNORM_CPU_EIGHT)
+/**
+ * @brief f(load) with the eight-value load of the instruction set in use: Avx512EightLoads in
+ *        the AVX-512 version of the loops (or a build for AVX-512), else PortableEightLoads
+ *        (with_avx512_loads_or).
+ *
+ * Used where the loads are part of the arithmetic's cost: the four-row element-wise loops of
+ * rows in cache (normalize_rows, input_gradient_rows); the reductions take with_reduction_loads,
+ * which keeps the eight-value loads to the AVX-512 version. The streaming element-wise loops wait
+ * on memory: the streaming normalize with these loads took no less time on NHWC (8, 256, 56, 56)
+ * and 5 % more on (125000, 50) inference, so they keep load8 (benchmarks/README, round
+ * seventeen).
+ */
+template <class F>
+BN_CONVERT_INLINE decltype(auto) with_eight_loads(F&& f) {
+  return with_avx512_loads_or<PortableEightLoads>(std::forward<F>(f));
+}
+#endif
+
+/**
  * @brief f(load) with the loads of the reductions (the plane loops, add_row_sums,
  *        add_row_gradient_sums): Avx512EightLoads (lanes as double8) in the AVX-512 version of
  *        the loops (or a build for AVX-512), else ScalarLoads (lanes as doubles, which GCC
@@ -661,12 +677,7 @@ struct loaded<ScalarLoads> {
  */
 template <class F>
 BN_CONVERT_INLINE decltype(auto) with_reduction_loads(F&& f) {
-#if defined(BATCHNORM_CPU_DISPATCH_AVX512)
-  if (isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(Isa::avx512)) return f(Avx512EightLoads{});
-#elif defined(BATCHNORM_CPU_X86_TARGETS) && defined(__AVX512F__)
-  return f(Avx512EightLoads{});
-#endif
-  return f(ScalarLoads{});
+  return with_avx512_loads_or<ScalarLoads>(std::forward<F>(f));
 }
 
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
