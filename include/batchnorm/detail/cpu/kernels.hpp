@@ -682,12 +682,22 @@ BN_CONVERT_INLINE decltype(auto) with_reduction_loads(F&& f) {
 
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
 
-/// Lane k of each of Sums sums held as acc[s][k]: column[s] is sum s's lane (add_plane_rounds).
+/// Lane k of each of Sums sums held as acc[s][k]: column[s] is sum s's lane (add_plane_rounds'
+/// eight-lane vectors, in local variables).
 template <class V, std::size_t Sums, std::int64_t Vectors>
 struct LaneColumn {
   V (&acc)[Sums][Vectors];
   std::int64_t k;
   BN_CONVERT_INLINE V& operator[](std::size_t s) const { return acc[s][k]; }
+};
+
+/// Lane k of each of Sums sums in the caller's arrays: column[s] is sums[s][k] (the plane loops'
+/// lanes taken one at a time).
+template <std::size_t Sums>
+struct SumsColumn {
+  double* const (&sums)[Sums];
+  std::int64_t k;
+  BN_CONVERT_INLINE double& operator[](std::size_t s) const { return sums[s][k]; }
 };
 
 /**
@@ -696,33 +706,43 @@ struct LaneColumn {
  *        Lanes (counted from the run's start), in order. Returns the first position it did not
  *        do (fewer than Lanes are left).
  *
- * The lanes are held in local variables of type V = loaded<Load>: Lanes / 8 double8 vectors per
- * sum with an eight-value load (with_reduction_loads: under AVX-512, in registers), or Lanes
- * doubles with ScalarLoads (GCC vectorizes the round). Before each round, @p prepare(p, Lanes)
- * (prefetch, or widen the round's values); then, for each V of the round at position p,
- * body(load, lanes, p) adds the terms of positions [p, p + width of V) to lanes[s], the V of sum
- * s (a LaneColumn). One body serves both widths and the tail (add_plane_tail), so a plane loop's
- * formula is written once; each lane adds the same terms in the same order at either width.
+ * Before each round, @p prepare(p, Lanes) (prefetch, or widen the round's values); then, for each
+ * group of lanes at position p, body(load, lanes, p) adds the terms of the positions [p, p + the
+ * group's width) to lanes[s], sum s's lanes. With an eight-value load (with_reduction_loads:
+ * under AVX-512) the lanes are held in Lanes / 8 double8 local variables per sum, in registers
+ * (a LaneColumn), and stored back after the last round. With ScalarLoads they are summed one at a
+ * time in the caller's arrays (a SumsColumn), which GCC vectorizes: copying them into local
+ * variables and back once per run, as the double8 path does, cost a short plane ((8, 2048, 7,
+ * 7): one round and a tail of 17) 1.75× round seventeen's time under AVX2, the tail's vector
+ * loads waiting on the copy's stores (benchmarks/README, round twenty). One body serves both
+ * widths and the tail (add_plane_tail), so a plane loop's formula is written once; each lane
+ * adds the same terms in the same order at either width.
  */
 template <std::int64_t Lanes, std::size_t Sums, class Load, class Prepare, class Body>
 BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end, double* const (&sums)[Sums],
                                                 Load load, Prepare&& prepare, Body&& body) {
-  if (i + Lanes > end) return i;  // a short run: no whole round, lanes untouched
   using V = typename loaded<Load>::type;
-  constexpr std::int64_t width = static_cast<std::int64_t>(sizeof(V) / sizeof(double));
-  static_assert(Lanes % width == 0, "whole vectors per round");
-  constexpr std::int64_t vectors = Lanes / width;
-  // One array per sum, so that lane k of a sum is next to lane k + 1 (GCC's vectorization of
-  // the doubles needs that; lanes interleaved sum by sum took twice the time, AVX2)
-  V acc[Sums][vectors];
-  for (std::size_t s = 0; s < Sums; ++s)
-    for (std::int64_t k = 0; k < vectors; ++k) load_lanes(sums[s] + width * k, acc[s][k]);
-  for (; i + Lanes <= end; i += Lanes) {
-    prepare(i, Lanes);
-    for (std::int64_t k = 0; k < vectors; ++k) body(load, LaneColumn<V, Sums, vectors>{acc, k}, i + width * k);
+  if constexpr (std::is_same_v<V, double>) {
+    for (; i + Lanes <= end; i += Lanes) {
+      prepare(i, Lanes);
+      for (std::int64_t k = 0; k < Lanes; ++k) body(load, SumsColumn<Sums>{sums, k}, i + k);
+    }
+  } else {
+    if (i + Lanes > end) return i;  // a short run: no whole round, lanes untouched
+    constexpr std::int64_t width = static_cast<std::int64_t>(sizeof(V) / sizeof(double));
+    static_assert(Lanes % width == 0, "whole vectors per round");
+    constexpr std::int64_t vectors = Lanes / width;
+    // One array per sum, as the sums' own arrays
+    V acc[Sums][vectors];
+    for (std::size_t s = 0; s < Sums; ++s)
+      for (std::int64_t k = 0; k < vectors; ++k) load_lanes(sums[s] + width * k, acc[s][k]);
+    for (; i + Lanes <= end; i += Lanes) {
+      prepare(i, Lanes);
+      for (std::int64_t k = 0; k < vectors; ++k) body(load, LaneColumn<V, Sums, vectors>{acc, k}, i + width * k);
+    }
+    for (std::size_t s = 0; s < Sums; ++s)
+      for (std::int64_t k = 0; k < vectors; ++k) store_lanes(sums[s] + width * k, acc[s][k]);
   }
-  for (std::size_t s = 0; s < Sums; ++s)
-    for (std::int64_t k = 0; k < vectors; ++k) store_lanes(sums[s] + width * k, acc[s][k]);
   return i;
 }
 
@@ -732,15 +752,10 @@ template <std::size_t Sums, class Prepare, class Body>
 void add_plane_tail(std::int64_t i, std::int64_t end, double* const (&sums)[Sums], Prepare&& prepare, Body&& body) {
   if (i >= end) return;
   prepare(i, end - i);
-  for (std::int64_t j = 0; i + j < end; ++j) {
-    double acc[Sums][1];
-    for (std::size_t s = 0; s < Sums; ++s) acc[s][0] = sums[s][j];
-    body(ScalarLoads{}, LaneColumn<double, Sums, 1>{acc, 0}, i + j);
-    for (std::size_t s = 0; s < Sums; ++s) sums[s][j] = acc[s][0];
-  }
+  for (std::int64_t j = 0; i + j < end; ++j) body(ScalarLoads{}, SumsColumn<Sums>{sums, j}, i + j);
 }
 
-/// A plane loop over positions [i, length) of values of T: whole rounds with the plane loops'
+/// A plane loop over positions [i, length) of values of T: whole rounds with the reductions'
 /// loads where T loads eight (float, double, bfloat16: with_reduction_loads), else one lane at a
 /// time, then the tail (add_plane_rounds, add_plane_tail).
 template <std::int64_t Lanes, class T, std::size_t Sums, class Prepare, class Body>
@@ -748,7 +763,8 @@ BN_CONVERT_INLINE void add_plane_lanes(std::int64_t i, std::int64_t length, doub
                                        Prepare&& prepare, Body&& body) {
   if constexpr (loads_eight<T>)
     i = with_reduction_loads([&](auto load) { return add_plane_rounds<Lanes>(i, length, sums, load, prepare, body); });
-  i = add_plane_rounds<Lanes>(i, length, sums, ScalarLoads{}, prepare, body);  // (none left after the above)
+  else
+    i = add_plane_rounds<Lanes>(i, length, sums, ScalarLoads{}, prepare, body);
   add_plane_tail(i, length, sums, prepare, body);
 }
 
