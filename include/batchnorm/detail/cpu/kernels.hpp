@@ -711,12 +711,14 @@ struct SumsColumn {
  * group's width) to lanes[s], sum s's lanes. With an eight-value load (with_reduction_loads:
  * under AVX-512) the lanes are held in Lanes / 8 double8 local variables per sum, in registers
  * (a LaneColumn), and stored back after the last round. With ScalarLoads they are summed one at a
- * time in the caller's arrays (a SumsColumn), which GCC vectorizes: copying them into local
- * variables and back once per run, as the double8 path does, cost a short plane ((8, 2048, 7,
- * 7): one round and a tail of 17) 1.75× round seventeen's time under AVX2, the tail's vector
- * loads waiting on the copy's stores (benchmarks/README, round twenty). One body serves both
- * widths and the tail (add_plane_tail), so a plane loop's formula is written once; each lane
- * adds the same terms in the same order at either width.
+ * time in the caller's arrays (a SumsColumn), which GCC vectorizes: copied into local variables
+ * and back once per run, as the double8 path does, they cost short planes ((8, 2048, 7, 7): one
+ * round and a tail of 17) 1.75× round seventeen's time under AVX2, which perf put on the copies
+ * and on the tail's loads of the lanes just stored. In the baseline (SSE2) version, whose 16
+ * registers hold the lanes no better, summing in the arrays made large float planes take up to
+ * 14 % more than the copy and short ones up to 17 % less (benchmarks/README, round twenty). One
+ * body serves both widths and the tail (add_plane_tail), so a plane loop's formula is written
+ * once; each lane adds the same terms in the same order at either width.
  */
 template <std::int64_t Lanes, std::size_t Sums, class Load, class Prepare, class Body>
 BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end, double* const (&sums)[Sums],
