@@ -602,12 +602,6 @@ BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
 }
 #endif
 
-/// A loop's own accumulators from @p p: one double, or eight (double8).
-BN_CONVERT_INLINE void load_lanes(const double* p, double& v) { v = *p; }
-#if defined(BATCHNORM_CPU_EIGHT)
-BN_CONVERT_INLINE void load_lanes(const double* p, double8& v) { load8(p, v); }
-#endif
-
 /// The values one call of a load gives: eight (double8) for the eight-value loads, one (double)
 /// for ScalarLoads.
 template <class Load>
@@ -737,7 +731,7 @@ BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end
     // One array per sum, as the sums' own arrays
     V acc[Sums][vectors];
     for (std::size_t s = 0; s < Sums; ++s)
-      for (std::int64_t k = 0; k < vectors; ++k) load_lanes(sums[s] + width * k, acc[s][k]);
+      for (std::int64_t k = 0; k < vectors; ++k) load8(sums[s] + width * k, acc[s][k]);
     for (; i + Lanes <= end; i += Lanes) {
       prepare(i, Lanes);
       for (std::int64_t k = 0; k < vectors; ++k) body(load, LaneColumn<V, Sums, vectors>{acc, k}, i + width * k);
