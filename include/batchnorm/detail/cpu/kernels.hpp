@@ -602,19 +602,6 @@ BN_CONVERT_INLINE void store_lanes(T* p, const double8& v) {
 }
 #endif
 
-/// The values one call of a load gives: eight (double8) for the eight-value loads, one (double)
-/// for ScalarLoads.
-template <class Load>
-struct loaded {
-#if defined(BATCHNORM_CPU_EIGHT)
-  using type = double8;
-#endif
-};
-template <>
-struct loaded<ScalarLoads> {
-  using type = double;
-};
-
 /**
  * @brief f(Avx512EightLoads{}) in the AVX-512 version of the loops (or a build for AVX-512), else
  *        f(Fallback{}): the one place where a loop's loads follow the instruction set in use
@@ -676,14 +663,16 @@ BN_CONVERT_INLINE decltype(auto) with_reduction_loads(F&& f) {
 
 // ---- plane loops: Lanes independent accumulators, acc[i mod Lanes], one center ----
 
-/// Lane k of each of Sums sums held as acc[s][k]: column[s] is sum s's lane (add_plane_rounds'
-/// eight-lane vectors, in local variables).
-template <class V, std::size_t Sums, std::int64_t Vectors>
+#if defined(BATCHNORM_CPU_EIGHT)
+/// Lanes 8k to 8k + 7 of each of Sums sums held as acc[s][k]: column[s] is sum s's eight lanes
+/// (add_plane_rounds' double8 vectors, in local variables).
+template <std::size_t Sums, std::int64_t Vectors>
 struct LaneColumn {
-  V (&acc)[Sums][Vectors];
+  double8 (&acc)[Sums][Vectors];
   std::int64_t k;
-  BN_CONVERT_INLINE V& operator[](std::size_t s) const { return acc[s][k]; }
+  BN_CONVERT_INLINE double8& operator[](std::size_t s) const { return acc[s][k]; }
 };
+#endif
 
 /// Lane k of each of Sums sums in the caller's arrays: column[s] is sums[s][k] (the plane loops'
 /// lanes taken one at a time).
@@ -717,27 +706,27 @@ struct SumsColumn {
 template <std::int64_t Lanes, std::size_t Sums, class Load, class Prepare, class Body>
 BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end, double* const (&sums)[Sums],
                                                 Load load, Prepare&& prepare, Body&& body) {
-  using V = typename loaded<Load>::type;
-  if constexpr (std::is_same_v<V, double>) {
+  if constexpr (std::is_same_v<Load, ScalarLoads>) {
     for (; i + Lanes <= end; i += Lanes) {
       prepare(i, Lanes);
       for (std::int64_t k = 0; k < Lanes; ++k) body(load, SumsColumn<Sums>{sums, k}, i + k);
     }
   } else {
+#if defined(BATCHNORM_CPU_EIGHT)
     if (i + Lanes > end) return i;  // a short run: no whole round, lanes untouched
-    constexpr std::int64_t width = static_cast<std::int64_t>(sizeof(V) / sizeof(double));
-    static_assert(Lanes % width == 0, "whole vectors per round");
-    constexpr std::int64_t vectors = Lanes / width;
+    static_assert(Lanes % 8 == 0, "whole double8 vectors per round");
+    constexpr std::int64_t vectors = Lanes / 8;
     // One array per sum, as the sums' own arrays
-    V acc[Sums][vectors];
+    double8 acc[Sums][vectors];
     for (std::size_t s = 0; s < Sums; ++s)
-      for (std::int64_t k = 0; k < vectors; ++k) load8(sums[s] + width * k, acc[s][k]);
+      for (std::int64_t k = 0; k < vectors; ++k) load8(sums[s] + 8 * k, acc[s][k]);
     for (; i + Lanes <= end; i += Lanes) {
       prepare(i, Lanes);
-      for (std::int64_t k = 0; k < vectors; ++k) body(load, LaneColumn<V, Sums, vectors>{acc, k}, i + width * k);
+      for (std::int64_t k = 0; k < vectors; ++k) body(load, LaneColumn<Sums, vectors>{acc, k}, i + 8 * k);
     }
     for (std::size_t s = 0; s < Sums; ++s)
-      for (std::int64_t k = 0; k < vectors; ++k) store_lanes(sums[s] + width * k, acc[s][k]);
+      for (std::int64_t k = 0; k < vectors; ++k) store8(sums[s] + 8 * k, acc[s][k]);
+#endif
   }
   return i;
 }
