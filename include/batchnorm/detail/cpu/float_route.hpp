@@ -549,7 +549,8 @@ static_assert(FloatGradientRoute::coefficients()[0] == &FloatGradientRoute::mean
  */
 template <bool Relu, class Route>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64_t half_gradient_block_avx512(
-    const void* x, const void* dy, const void* y, std::uint16_t* out, const Route& route, std::int64_t first) {
+    const void* x, const void* dy, const void* y, void* out, const Route& route, std::int64_t first) {
+  auto* o = static_cast<std::uint16_t*>(out);
   const auto* xs = static_cast<const std::uint16_t*>(x);
   const auto* gs = static_cast<const std::uint16_t*>(dy);
   const auto* ys = static_cast<const std::uint16_t*>(y);
@@ -570,7 +571,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) inline std::uint64
     const __m512 dx = _mm512_add_ps(_mm512_add_ps(qv, p), k.constant);
     __m256i rounded;
     const __mmask16 clear = half_interval_avx512<false>(dx, bound, rounded);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q), rounded);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q), rounded);
     missed |= static_cast<std::uint64_t>(static_cast<std::uint16_t>(~clear)) << q;
   }
   return missed;
@@ -838,18 +839,35 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
  *        (redo_missed). A block's outputs are written after all of its inputs are read (dx may
  *        be x or dy). @p y: relu's output, or null.
  * @return the number of values done, a multiple of float_route_block.
+ *
+ * Blocks are written straight to dx, and its missed values redone there, unless dx is an input
+ * (in place: through a buffer, copied once the block's inputs are read). Through the buffer
+ * always, the copy's 64-byte loads waited on the block's 32-byte stores (a store forward that
+ * fails); perf put 12 % of half NCHW (8, 256, 56, 56) backward on that line. Written straight:
+ * bench_cpu, 1 thread, PyTorch's time / ours, three processes each, alternated: NHWC
+ * 0.80–0.86 → 0.92–0.95, NCHW 0.78–0.81 → 0.80–0.85 (bfloat16, not on this path: 0.83–0.86
+ * both; benchmarks/README, round twenty-one).
  */
 template <bool Relu, class T, class Route, class Exact>
 std::int64_t gradient_blocks_avx512(const T* x, const T* dy, const T* y, T* dx, std::int64_t length, const Route& route,
                                     Exact&& exact) {
   constexpr std::int64_t B = float_route_block;
+  const void* out = dx;
+  const bool in_place = out == x || out == dy || out == y;  // BackwardArgs: dx may equal dy or x
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
     std::uint16_t block[B];
-    const std::uint64_t missed =
-        half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, block, route, i);
-    if (missed != 0) redo_missed(missed, i, dx, block, exact);
-    std::memcpy(static_cast<void*>(dx + i), block, sizeof block);
+    void* to = in_place ? static_cast<void*>(block) : static_cast<void*>(dx + i);
+    std::uint64_t missed = half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, to, route, i);
+    if (in_place) {
+      if (missed != 0) redo_missed(missed, i, dx, block, exact);
+      std::memcpy(static_cast<void*>(dx + i), block, sizeof block);
+    } else {
+      for (; missed != 0; missed &= missed - 1) {
+        const std::int64_t j = i + lowest_set_bit(missed);
+        exact(j, j + 1);
+      }
+    }
   }
   return i;
 }
