@@ -842,8 +842,8 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
  *
  * Blocks are written straight to dx, and its missed values redone there, unless dx is an input
  * (in place: through a buffer, copied once the block's inputs are read). Through the buffer
- * always, the copy's 64-byte loads waited on the block's 32-byte stores (a store forward that
- * fails); perf put 12 % of half NCHW (8, 256, 56, 56) backward on that line. Written straight:
+ * always, perf put 9 % of half NCHW (8, 256, 56, 56) backward on the copy, most likely its wide
+ * loads waiting on the block's 32-byte stores (a store forward that fails). Written straight:
  * bench_cpu, 1 thread, PyTorch's time / ours, three processes each, alternated: NHWC
  * 0.80–0.86 → 0.92–0.95, NCHW 0.78–0.81 → 0.80–0.85 (bfloat16, not on this path: 0.83–0.86
  * both; benchmarks/README, round twenty-one).
