@@ -836,8 +836,8 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
  *        FloatGradientRouteLanes, value i lane i's) through the float route with the hand-written
  *        AVX-512 blocks (half_gradient_block_avx512), whole blocks of [0, length): dx as
  *        input_gradient_value (training), the values the route misses by @p exact(i, i + 1)
- *        (redo_missed). A block's outputs are written after all of its inputs are read (dx may
- *        be x or dy). @p y: relu's output, or null.
+ *        (in place, through redo_missed). A block's outputs are written after all of its inputs
+ *        are read (dx may be x or dy). @p y: relu's output, or null.
  * @return the number of values done, a multiple of float_route_block.
  *
  * Blocks are written straight to dx, and its missed values redone there, unless dx is an input

@@ -726,6 +726,8 @@ BN_CONVERT_INLINE std::int64_t add_plane_rounds(std::int64_t i, std::int64_t end
     }
     for (std::size_t s = 0; s < Sums; ++s)
       for (std::int64_t k = 0; k < vectors; ++k) store8(sums[s] + 8 * k, acc[s][k]);
+#else
+    static_assert(!sizeof(Load*), "the eight-value loads exist with GCC vectors only");
 #endif
   }
   return i;
