@@ -316,18 +316,61 @@ inline std::uint64_t miss_mask(const std::uint8_t* misses) {
 /**
  * @brief The values of a block that the float route missed (the set bits j of @p missed), each by
  *        @p exact(begin + j, begin + j + 1), the double formula, which writes out[begin + j];
- *        that result then replaces block[j]. Only those values: redoing each block with a miss
- *        whole in double made half's normalization 1.4× slower (0.037 vs 0.026 ms in cache,
- *        with the conversion instructions, harness).
+ *        where the block is in a buffer (@p block not null), that result then replaces block[j].
+ *        Only those values: redoing each block with a miss whole in double made half's
+ *        normalization 1.4× slower (0.037 vs 0.026 ms in cache, with the conversion
+ *        instructions, harness).
  */
 template <class T, class Exact>
 void redo_missed(std::uint64_t missed, std::int64_t begin, T* out, std::uint16_t* block, Exact& exact) {
   for (; missed != 0; missed &= missed - 1) {  // the set bits alone
     const int j = lowest_set_bit(missed);
     exact(begin + j, begin + j + 1);
-    block[j] = bits_of(out + begin + j);
+    if (block != nullptr) block[j] = bits_of(out + begin + j);
   }
 }
+
+/// Whether @p out is one of @p inputs (a call in place; BackwardArgs: dx may be dy or x).
+template <class T, class... Inputs>
+BN_CONVERT_INLINE bool is_an_input(const T* out, const Inputs*... inputs) {
+  return ((static_cast<const void*>(out) == static_cast<const void*>(inputs)) || ...);
+}
+
+/**
+ * @brief Where the blocks of float_route_block outputs at out + i are written: straight there,
+ *        or, where out is one of their inputs (in place), through a buffer copied to out once a
+ *        block's inputs are read and its missed values redone (the double formula reads them).
+ *
+ * Why straight where it can be: a buffer costs its copy, and the copy's wide loads wait on the
+ * block's narrower stores (a store forward that fails, most likely): perf put 9 % of half NCHW
+ * (8, 256, 56, 56) backward on that copy (benchmarks/README, round twenty-one).
+ */
+template <class T>
+class BlockOutput {
+ public:
+  /// @param out_is_input whether out may be an input of the blocks (in place)
+  BlockOutput(T* out, bool out_is_input) : out_(out), out_is_input_(out_is_input) {}
+  /// Where the block at @p i is to be written (the buffer holds one block).
+  BN_CONVERT_INLINE void* block(std::int64_t i) {
+    return out_is_input_ ? static_cast<void*>(buffer_) : static_cast<void*>(out_ + i);
+  }
+  /// The block at @p i written: its missed values (the set bits of @p missed) redone by
+  /// @p exact(j, j + 1), then the block copied to out where it is buffered.
+  template <class Exact>
+  BN_CONVERT_INLINE void finish(std::int64_t i, std::uint64_t missed, Exact& exact) {
+    redo_missed(missed, i, out_, out_is_input_ ? buffer_ : nullptr, exact);
+    copy(i);
+  }
+  /// The block at @p i copied to out where it is buffered (its misses redone by the caller).
+  BN_CONVERT_INLINE void copy(std::int64_t i) {
+    if (out_is_input_) std::memcpy(static_cast<void*>(out_ + i), buffer_, sizeof buffer_);
+  }
+
+ private:
+  T* out_;
+  bool out_is_input_;
+  std::uint16_t buffer_[float_route_block];
+};
 
 /// Whether the float route of format F redoes only the missed values of a block (redo_missed)
 /// or the whole block: where blocks rarely miss (bfloat16), recording each value's miss costs
@@ -351,6 +394,10 @@ std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exac
   constexpr std::int64_t B = float_route_block;
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
+    // Through a buffer always, unlike BlockOutput's blocks: the compiler's vectorized loop
+    // writing straight to out (where out was not an input) was slower, bfloat16 NCHW
+    // (8, 256, 56, 56) backward 4.35–4.38 ms against 4.20–4.26 (harness, 1 thread, the best of
+    // 100 in each of three alternated rounds; the same outputs).
     std::uint16_t block[B];
     std::uint8_t misses[per_value ? B : 1];
     std::uint32_t missed = 0;
@@ -764,9 +811,10 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
   using Format = typename convert<T>::format;
   constexpr std::int64_t B = float_route_block;
   // Blocks are written straight to y, a group at a time, or, in place, one at a time through a
-  // buffer: the missed values' inputs are taken before it is copied.
-  const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(y);
+  // buffer (BlockOutput): the missed values' inputs are pooled before it is copied.
+  const bool in_place = is_an_input(y, x);
   const std::int64_t group = in_place ? 1 : blocks_per_call;
+  BlockOutput<T> to(y, in_place);
   // The missed values' offsets, lanes and inputs, redone when a block's misses might not fit.
   constexpr std::int64_t pool_size = 2 * B;
   std::int64_t at[pool_size];
@@ -798,10 +846,8 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
     const std::int64_t o = r * stride;
     for (std::int64_t i = 0; i < whole;) {
       const std::int64_t count = std::min(group, (whole - i) / B);
-      std::uint16_t buffer[B];
       std::uint64_t misses[blocks_per_call];
-      void* to = in_place ? static_cast<void*>(buffer) : static_cast<void*>(y + o + i);
-      route_blocks_avx512<Format, Relu>(x + o + i, to, count, route, i, misses);
+      route_blocks_avx512<Format, Relu>(x + o + i, to.block(o + i), count, route, i, misses);
       for (std::int64_t b = 0; b < count; ++b, i += B) {
         std::uint64_t missed = misses[b];
         if constexpr (std::is_same_v<Format, bits::half_format>) {
@@ -819,7 +865,7 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
           pool(o, i + lowest_set_bit(missed));
           ++pooled;
         }
-        if (in_place) std::memcpy(static_cast<void*>(y + o + i), buffer, sizeof buffer);
+        to.copy(o + i);
         if (pooled > pool_size - B) redo_pooled();
       }
     }
@@ -836,12 +882,11 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
  *        FloatGradientRouteLanes, value i lane i's) through the float route with the hand-written
  *        AVX-512 blocks (half_gradient_block_avx512), whole blocks of [0, length): dx as
  *        input_gradient_value (training), the values the route misses by @p exact(i, i + 1)
- *        (in place, through redo_missed). A block's outputs are written after all of its inputs
- *        are read (dx may be x or dy). @p y: relu's output, or null.
+ *        (redo_missed). A block's outputs are written after all of its inputs are read (dx may
+ *        be x or dy: BlockOutput). @p y: relu's output, or null.
  * @return the number of values done, a multiple of float_route_block.
  *
- * Blocks are written straight to dx, and its missed values redone there, unless dx is an input
- * (in place: through a buffer, copied once the block's inputs are read). Through the buffer
+ * Blocks are written straight to dx unless dx is an input (BlockOutput). Through a buffer
  * always, perf put 9 % of half NCHW (8, 256, 56, 56) backward on the copy, most likely its wide
  * loads waiting on the block's 32-byte stores (a store forward that fails). Written straight:
  * bench_cpu, 1 thread, PyTorch's time / ours, three processes each, alternated: NHWC
@@ -852,23 +897,10 @@ template <bool Relu, class T, class Route, class Exact>
 std::int64_t gradient_blocks_avx512(const T* x, const T* dy, const T* y, T* dx, std::int64_t length, const Route& route,
                                     Exact&& exact) {
   constexpr std::int64_t B = float_route_block;
-  const void* out = dx;
-  const bool in_place = out == x || out == dy || out == y;  // BackwardArgs: dx may equal dy or x
+  BlockOutput<T> to(dx, is_an_input(dx, x, dy, y));
   std::int64_t i = 0;
-  for (; i + B <= length; i += B) {
-    std::uint16_t block[B];
-    void* to = in_place ? static_cast<void*>(block) : static_cast<void*>(dx + i);
-    std::uint64_t missed = half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, to, route, i);
-    if (in_place) {
-      if (missed != 0) redo_missed(missed, i, dx, block, exact);
-      std::memcpy(static_cast<void*>(dx + i), block, sizeof block);
-    } else {
-      for (; missed != 0; missed &= missed - 1) {
-        const std::int64_t j = i + lowest_set_bit(missed);
-        exact(j, j + 1);
-      }
-    }
-  }
+  for (; i + B <= length; i += B)
+    to.finish(i, half_gradient_block_avx512<Relu>(x + i, dy + i, Relu ? y + i : nullptr, to.block(i), route, i), exact);
   return i;
 }
 
@@ -879,14 +911,15 @@ std::int64_t gradient_blocks_avx512(const T* x, const T* dy, const T* y, T* dx, 
  *        bound, checked as round_when_clear does, then passed through @p activate; the block
  *        is rounded at once (the instructions' nearest-even rounding is round_off_midpoint's
  *        off midpoints, and a value near one misses), and the missed values are computed by
- *        @p exact (redo_missed).
- *        A block's outputs are written after all of its inputs are read (out may be an input).
+ *        @p exact (redo_missed). A block's outputs are written after all of its inputs are read
+ *        (out may be an input: @p out_is_input, BlockOutput).
  * @param narrow a narrow_halves_* of the width of the widening
  */
 template <class T, class WidenInputs, class Value, class Activate, class Exact, class Narrow>
-std::int64_t half_route_blocks(T* out, std::int64_t length, WidenInputs&& widen_inputs, Value&& value,
-                               Activate&& activate, Exact&& exact, Narrow&& narrow) {
+std::int64_t half_route_blocks(T* out, bool out_is_input, std::int64_t length, WidenInputs&& widen_inputs,
+                               Value&& value, Activate&& activate, Exact&& exact, Narrow&& narrow) {
   constexpr std::int64_t B = float_route_block;
+  BlockOutput<T> to(out, out_is_input);
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
     float result[B];
@@ -903,13 +936,11 @@ std::int64_t half_route_blocks(T* out, std::int64_t length, WidenInputs&& widen_
       missed |= miss & 1u;
       result[j] = activate(v);
     }
-    if (missed == 0) {
+    if (missed == 0) {  // the inputs are read (widened): straight to out, in place too
       narrow(result, out + i);
     } else {
-      std::uint16_t block[B];
-      narrow(result, block);
-      redo_missed(miss_mask(misses), i, out, block, exact);
-      std::memcpy(static_cast<void*>(out + i), block, sizeof block);
+      narrow(result, to.block(i));
+      to.finish(i, miss_mask(misses), exact);
     }
   }
   return i;
@@ -952,7 +983,7 @@ std::int64_t normalize_float_route(const T* x, T* y, std::int64_t length, const 
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block];
       return half_route_blocks(
-          y, length, [&](std::int64_t i) { widen(x + i, xf); },
+          y, is_an_input(y, x), length, [&](std::int64_t i) { widen(x + i, xf); },
           [&](std::int64_t i, std::int64_t j, float& bound) { return route_value(xf[j], route(i + j), bound); },
           // relu: max(y_f, 0), as rounding first and then clearing a negative (a value that
           // would round to 0 misses)

@@ -1757,7 +1757,7 @@ std::int64_t input_gradient_float_route(const T* x, const T* dy, const T* y, T* 
     return with_half_instructions(conversion, [&](auto widen, auto narrow) {
       float xf[float_route_block], gf[float_route_block], yf[Relu ? float_route_block : 1];
       return half_route_blocks(
-          dx, length,
+          dx, is_an_input(dx, x, dy, y), length,
           [&](std::int64_t i) {
             widen(x + i, xf);
             widen(dy + i, gf);
