@@ -395,9 +395,9 @@ std::int64_t float_route_blocks(T* out, std::int64_t length, Value&& value, Exac
   std::int64_t i = 0;
   for (; i + B <= length; i += B) {
     // Through a buffer always, unlike BlockOutput's blocks: the compiler's vectorized loop
-    // writing straight to out (where out was not an input) was slower, bfloat16 NCHW
+    // writing straight to out (where out was not an input) was no faster, bfloat16 NCHW
     // (8, 256, 56, 56) backward 4.35–4.38 ms against 4.20–4.26 (harness, 1 thread, the best of
-    // 100 in each of three alternated rounds; the same outputs).
+    // 100 in three alternated rounds, the same outputs; benchmarks/README, round twenty-two).
     std::uint16_t block[B];
     std::uint8_t misses[per_value ? B : 1];
     std::uint32_t missed = 0;
