@@ -350,6 +350,8 @@ class BlockOutput {
  public:
   /// @param out_is_input whether out may be an input of the blocks (in place)
   BlockOutput(T* out, bool out_is_input) : out_(out), out_is_input_(out_is_input) {}
+  /// Whether the blocks go through the buffer (out is an input): one block at a time then.
+  BN_CONVERT_INLINE bool buffered() const { return out_is_input_; }
   /// Where the block at @p i is to be written (the buffer holds one block).
   BN_CONVERT_INLINE void* block(std::int64_t i) {
     return out_is_input_ ? static_cast<void*>(buffer_) : static_cast<void*>(out_ + i);
@@ -812,9 +814,8 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
   constexpr std::int64_t B = float_route_block;
   // Blocks are written straight to y, a group at a time, or, in place, one at a time through a
   // buffer (BlockOutput): the missed values' inputs are pooled before it is copied.
-  const bool in_place = is_an_input(y, x);
-  const std::int64_t group = in_place ? 1 : blocks_per_call;
-  BlockOutput<T> to(y, in_place);
+  BlockOutput<T> to(y, is_an_input(y, x));
+  const std::int64_t group = to.buffered() ? 1 : blocks_per_call;
   // The missed values' offsets, lanes and inputs, redone when a block's misses might not fit.
   constexpr std::int64_t pool_size = 2 * B;
   std::int64_t at[pool_size];
@@ -830,7 +831,7 @@ std::int64_t normalize_blocks_avx512(const T* x, T* y, std::int64_t rows, std::i
     // FMA, which exact_values_avx512 never does (as the dispatched versions): the scalar formula
     // keeps every loop of such a build on the same bits. In place, the input is put back first.
     for (std::int64_t k = 0; k < pooled; ++k) {
-      if (in_place) std::memcpy(static_cast<void*>(y + at[k]), input + k, sizeof(T));
+      if (to.buffered()) std::memcpy(static_cast<void*>(y + at[k]), input + k, sizeof(T));
       exact(at[k], lane[k]);
     }
 #endif
