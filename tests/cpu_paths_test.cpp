@@ -64,6 +64,9 @@ std::vector<PathCase> path_cases() {
       {"planes fused", {5, 3, 7, 9}, Layout::contiguous, Mode::per_channel},
       {"planes fused, many chunks", {9, 4, 61, 67}, Layout::contiguous, Mode::per_channel},
       {"planes unfused (3 tasks per channel)", {3, 2, 150001}, Layout::contiguous, Mode::per_channel},
+      // float: one task per channel (360 KB), x and dy within fused_backward_bytes (backward
+      // fused), x, dy and y not (relu: unfused); double: two tasks per channel
+      {"planes, backward fused by its own budget", {3, 2, 30001}, Layout::contiguous, Mode::per_channel},
       {"planes, one sample", {1, 5, 13}, Layout::contiguous, Mode::per_channel},
       {"rows narrow (N, C)", {12007, 3}, Layout::contiguous, Mode::per_channel},
       {"rows (N, C), C = 50", {2501, 50}, Layout::contiguous, Mode::per_channel},
