@@ -84,7 +84,8 @@ inline constexpr std::int64_t fused_channel_bytes = 512 * 1024;
 /// It was fused_channel_bytes for the inputs together, which left float (8, 64, 112, 112)
 /// (2 × 392 KiB a channel) to two passes from memory: 4.8–6.0 → 4.1–4.3 ms (harness, 1 thread,
 /// the same bits). With dx's lines too, that is within this machine's 2 MiB of L2 per core; on a
-/// core with less, the second pass reads what is left from L3.
+/// core with less, the second pass reads what is left from L3. Unlike the constants above, it
+/// changes no bit: plane_tasks alone decides how the sums are split.
 inline constexpr std::int64_t fused_backward_bytes = 1024 * 1024;
 /// Positions per block of a rows task (lane arrays live on the stack).
 inline constexpr std::int64_t max_block_width = 512;
