@@ -64,8 +64,9 @@ std::vector<PathCase> path_cases() {
       {"planes fused", {5, 3, 7, 9}, Layout::contiguous, Mode::per_channel},
       {"planes fused, many chunks", {9, 4, 61, 67}, Layout::contiguous, Mode::per_channel},
       {"planes unfused (3 tasks per channel)", {3, 2, 150001}, Layout::contiguous, Mode::per_channel},
-      // float: one task per channel (360 KB), x and dy within fused_backward_bytes (backward
-      // fused), x, dy and y not (relu: unfused); double: two tasks per channel
+      // backward fused by fused_backward_bytes for float (x and dy: 2 × 360 KB) and the 16-bit
+      // types (relu too); not for float with relu (three inputs) or double (two tasks a channel)
+      // (CpuPathsEdges.BackwardFusionFollowsItsBudget)
       {"planes, backward fused by its own budget", {3, 2, 30001}, Layout::contiguous, Mode::per_channel},
       {"planes, one sample", {1, 5, 13}, Layout::contiguous, Mode::per_channel},
       {"rows narrow (N, C)", {12007, 3}, Layout::contiguous, Mode::per_channel},
@@ -611,6 +612,26 @@ TEST(CpuPathsEdges, UnfusedForwardIsThePhases) {
   phases::normalize(cpu{}, shape, na, {});
   EXPECT_EQ(y, y2);
   for (std::int64_t f = 0; f < F; ++f) EXPECT_EQ(static_cast<float>(norm[1 + f]), sm[f]);
+}
+
+// Backward fuses a channel's two passes where its sums are one task and its inputs fit
+// fused_backward_bytes: the path cases reach the loops their names say, and float
+// (8, 64, 112, 112) (2 × 392 KiB a channel, unfused before that budget) is fused.
+TEST(CpuPathsEdges, BackwardFusionFollowsItsBudget) {
+  namespace ci = batchnorm::detail::cpu_impl;
+  const Shape own({3, 2, 30001}), unfused({3, 2, 150001});
+  auto fusable = [](auto element, const Shape& s, Activation a) {
+    return ci::backward_fusable<decltype(element)>(s, Mode::per_channel, a);
+  };
+  EXPECT_TRUE(fusable(float{}, own, Activation::identity));
+  EXPECT_FALSE(fusable(float{}, own, Activation::relu));
+  EXPECT_FALSE(fusable(double{}, own, Activation::identity));
+  EXPECT_FALSE(fusable(float{}, unfused, Activation::identity));
+  EXPECT_TRUE(fusable(float{}, Shape({8, 64, 112, 112}), Activation::identity));
+#if BN_TEST_HAVE_HALF
+  EXPECT_TRUE(fusable(__half{}, own, Activation::relu));
+  EXPECT_TRUE(fusable(__nv_bfloat16{}, own, Activation::relu));
+#endif
 }
 
 #if defined(BATCHNORM_CPU_DISPATCH)
