@@ -1645,7 +1645,9 @@ void fused_forward_planes(const Geometry& g, const T* x, const T* residual, bool
   });
 }
 
-/// True when forward's training statistics and normalization can be fused per channel.
+/// True when forward's training statistics and normalization can be fused per channel: planes,
+/// each channel's reduction one task (plane_tasks), so fused and split passes sum alike.
+/// Backward's fusion (backward_fusable) asks this too.
 template <class T>
 bool fusable(const Shape& shape, Mode mode) {
   const Geometry g = geometry(shape, mode);
@@ -2036,16 +2038,16 @@ void input_gradient_elements(const Shape& shape, Mode mode, const T* x, const T*
   });
 }
 
-/// True when backward's gradient sums and input gradient can be fused per channel: planes, a
-/// channel's sums one task (plane_tasks, so the same bits as gradient_sums_elements), and its
-/// x, dy (and y, with relu) within fused_backward_bytes together.
+/// True when backward's gradient sums and input gradient can be fused per channel: where
+/// forward's can (fusable: a channel's sums one task, so the same bits as
+/// gradient_sums_elements), and a channel's x, dy (and y, with relu) are within
+/// fused_backward_bytes together.
 template <class T>
 bool backward_fusable(const Shape& shape, Mode mode, Activation activation) {
+  if (!fusable<T>(shape, mode)) return false;
   const Geometry g = geometry(shape, mode);
   const std::int64_t inputs = activation == Activation::relu ? 3 : 2;
-  const std::int64_t channel_bytes = g.N * g.S * static_cast<std::int64_t>(sizeof(T));
-  return g.planes && shape.numel() > 0 && plane_tasks(g.N * g.S, sizeof(T)) == 1 &&
-         channel_bytes * inputs <= fused_backward_bytes;
+  return g.N * g.S * static_cast<std::int64_t>(sizeof(T)) * inputs <= fused_backward_bytes;
 }
 
 /**
